@@ -105,7 +105,8 @@ def bench(preset: str = "cpu-demo", seq_len: Optional[int] = None, micro_batch_s
     med = {name: statistics.median(r) for name, r in rates.items()}
     peak = peak_flops(device)
     print(f"{preset}: {args.n_params / 1e6:.1f}M parameters, seq {seq_len}, micro batch {micro_batch_size}, "
-          f"{plan.precision}, ZeRO-{plan.zero_stage}, {world} rank(s) on {device.type}, {torch.get_num_threads()} threads")
+          f"{plan.precision}, ZeRO-{plan.zero_stage}, {world} rank(s) on {device.type}, "
+          f"{torch.get_num_threads()} threads")
     for name, r in med.items():
         mfu = f", MFU {args.flops_per_token(seq_len) * r / (peak * world):.1%}" if peak else ""
         print(f"{name:>12}: {r:,.0f} tokens/s (median of {repeats} x {steps} steps, {timer} time{mfu})")

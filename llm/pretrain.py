@@ -27,7 +27,8 @@ import yaml
 
 from llm.cli import UserError, run_cli
 from llm.config import ModelArgs
-from llm.trainer import TrainConfig, preflight, train
+from llm.trainer import TrainConfig, preflight
+from llm.trainer import train as run_training  # `train` is the name of pretrain()'s config argument
 
 DEFAULT_DATA = "data/demo"
 
@@ -106,10 +107,8 @@ def pretrain(preset: str = "cpu-demo", model: Optional[dict[str, Any]] = None, d
 
     torch.manual_seed(train.seed)  # identical initial weights on every rank
     net = Transformer(args)
-    return train_fn(net, datasets["train"], datasets["val"], train, tokenizer=tok)
+    return run_training(net, datasets["train"], datasets["val"], train, tokenizer=tok)
 
-
-train_fn = train  # the `train` argument above shadows the function's name
 
 if __name__ == "__main__":
     run_cli(pretrain)

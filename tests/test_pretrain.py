@@ -273,9 +273,9 @@ def test_sigterm_saves_and_resume_is_bit_identical(runs, data_dir, tmp_path):
     # resume as a two-node job on one machine: two launchers, a hostfile, --no_ssh and a node rank each
     (tmp_path / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
     port = free_port()
+    resume = [str(ROOT / "llm" / "pretrain.py"), *stage_args(data_dir, run, 3, "--train.resume", "auto")]
     nodes = [subprocess.Popen([str(Path(sys.executable).with_name("deepspeed")), "--hostfile", "hostfile", "--no_ssh",
-                               "--node_rank", str(n), "--master_addr", "127.0.0.1", "--master_port", str(port),
-                               str(ROOT / "llm" / "pretrain.py"), *stage_args(data_dir, run, 3, "--train.resume", "auto")],
+                               "--node_rank", str(n), "--master_addr", "127.0.0.1", "--master_port", str(port), *resume],
                               cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for n in (0, 1)]
     outs = [n.communicate(timeout=300)[0] for n in nodes]
