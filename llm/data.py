@@ -172,6 +172,13 @@ class PretrainDataset(torch.utils.data.Dataset):
         t = torch.from_numpy(w)
         return t[:-1], t[1:]
 
+    def unigram_entropy(self, max_tokens: int = 50_000_000) -> float:
+        """Entropy in nats/token of the split's token frequencies (its first `max_tokens`): the loss of a model
+        that ignores context — a trained model's val loss must end clearly below it."""
+        counts = np.bincount(self.read(0, min(self.tokens, max_tokens)).astype(np.int64))
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
     def __getstate__(self):  # memmaps and the permutation are rebuilt in the receiving process
         return {**self.__dict__, "_maps": None, "_perm": None}
 

@@ -101,6 +101,11 @@ def pretrain(preset: str = "cpu-demo", model: Optional[dict[str, Any]] = None, d
         datasets[split] = PretrainDataset(data_dir, split, seq_len, seed=train.seed, rank=rank,
                                           world_size=plan.world_size, vocab_size=args.vocab_size, tokenizer=tok)
 
+    if rank == 0:
+        h = datasets["train"].unigram_entropy()
+        print(f"baseline: the unigram entropy of {data_dir} train is {h:.3f} nats/token (a model that ignores "
+              "context); the val loss should end well below it")
+
     import torch
 
     from llm.model import Transformer

@@ -101,6 +101,8 @@ class TrainConfig:
     """Steps between evaluations (val loss, bits per byte, samples); also at the end."""
     eval_batches: int = 20
     """Micro batches per rank in each evaluation."""
+    eval_at_start: bool = False
+    """Also evaluate before the first step of a new run: the baseline that fine-tuning should improve on."""
     sample_prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "The king", "中国", "春风"])
     """Prompts greedily continued at each evaluation (needs a tokenizer), so a degenerate model shows early."""
     sample_tokens: int = 32
@@ -478,7 +480,14 @@ def consolidated_state_dict(tag_dir: Path, zero_stage: int) -> dict[str, torch.T
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if zero_stage == 1:  # ZeRO-1 keeps frozen parameters (LoRA's base weights) only in the module states
+        module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False,
+                            mmap=True)["module"]
+        for k, v in module.items():
+            if k not in sd:
+                sd[k] = v.float() if v.is_floating_point() else v
+    return sd
 
 
 # ----------------------------------------------------------------------------------------------- logging
@@ -668,6 +677,10 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, collate: Optiona
     window_loss, window_steps, window_tokens, t_window = torch.zeros((), device=device), 0, 0, time.perf_counter()
     t_start = time.perf_counter() - state.elapsed_s
     try:
+        if cfg.eval_at_start and val_ds is not None and state.step == 0:
+            summary["val_loss_at_start"] = evaluate(engine, val_ds, cfg, plan, collate, loss_fn, tokenizer, state,
+                                                    device, metrics, bar).get("val_loss")
+            t_window = time.perf_counter()
         while state.step < cfg.max_steps:
             step_loss = torch.zeros((), device=device)
             step_tokens = 0
@@ -881,7 +894,8 @@ def evaluate(engine, val_ds, cfg: TrainConfig, plan: Plan, collate, loss_fn, tok
     if metrics is not None:
         if "val_loss" in out:
             metrics.write(dict(step=state.step, tokens=state.tokens, val_loss=out["val_loss"], val_bpb=out["val_bpb"]))
-            bar.write(f"eval step {state.step} | val loss {out['val_loss']:.4f} | bits/byte {out['val_bpb']:.4f}")
+            bpb = f" | bits/byte {out['val_bpb']:.4f}" if math.isfinite(out["val_bpb"]) else ""  # chats: no byte count
+            bar.write(f"eval step {state.step} | val loss {out['val_loss']:.4f}{bpb}")
         for p, text in out.get("samples", {}).items():
             bar.write(f"  sample {p!r} -> {text!r}")
         if out.get("samples"):

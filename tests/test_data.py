@@ -3,8 +3,10 @@
 Real sentencepiece on the real built-in corpora; byte-exact round trips for Chinese and English; every input format;
 the bad inputs of the issue as one-line errors with nothing half-written left; windows deterministic, disjoint
 across ranks and resumable mid-epoch."""
+import collections
 import gzip
 import json
+import math
 import runpy
 import signal
 import subprocess
@@ -179,6 +181,10 @@ def test_windows_cover_all_shards(demo_dir):
     assert ds.bytes_per_token == pytest.approx(meta["splits"]["train"]["bytes"] / meta["splits"]["train"]["tokens"])
     val = PretrainDataset(demo_dir, "val", 128)
     assert len(val) == (meta["splits"]["val"]["tokens"] - 1) // 128
+    # the unigram baseline over all shards, against collections.Counter and math.log
+    freq = collections.Counter(every.tolist())
+    entropy = -sum(c / len(every) * math.log(c / len(every)) for c in freq.values())
+    assert ds.unigram_entropy() == pytest.approx(entropy, rel=1e-9)
 
 
 def test_windows_deterministic_disjoint_resumable(demo_dir):

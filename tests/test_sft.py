@@ -265,6 +265,25 @@ def test_lora_zero2_two_ranks_trains_and_resumes(tmp_path, base_dir):
         torch.testing.assert_close(load_model(merged)(x), load_model(run / "final")(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("stage", ["zero1", "zero3"])
+def test_lora_final_is_base_plus_merged_adapter_at_zero_stage(tmp_path, base_dir, stage):
+    """ZeRO-1 checkpoints keep LoRA's frozen base weights outside zero_to_fp32's view and ZeRO-3 partitions them:
+    final/ must still be exactly the base with the trained adapter merged in."""
+    from llm.hf_format import load_model
+    from llm.sft import LoraOptions, merge_lora, sft
+    from llm.trainer import TrainConfig
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(run_dir=str(run), ds_config=stage, max_steps=2, micro_batch_size=2, lr=1e-2, warmup_steps=1,
+                      eval_every=100, eval_batches=1, sample_prompts=[], log_every=1)
+    sft(str(base_dir), "builtin:chatterbot", cfg, mode="lora", pack=False, max_examples=8, lora=LoraOptions(r=4))
+    merged = merge_lora(str(base_dir), str(run / "adapter"), str(tmp_path / "merged"))
+    x = torch.randint(0, 2048, (1, 50))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(run / "final")(x), load_model(merged)(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(load_model(run / "final")(x), load_model(base_dir)(x))  # the adapter trained
+
+
 def test_longlora_trains_lora_embeddings_norms_only(tmp_path, base_dir):
     """LongLoRA (one in-process rank, ZeRO-0): exactly the LoRA weights, the embedding and the norms move; the saved
     config carries the YaRN extension; the merged model (full attention) equals transformers' on that config."""
