@@ -223,6 +223,7 @@ def sft(model: str, data: str, train_cfg: TrainConfig, mode: Literal["full", "lo
             "unpacked sequences (--pack false)")
     if prompts and train_cfg.sample_prompts == TrainConfig().sample_prompts:
         train_cfg.sample_prompts = prompts  # greedy answers to held-out questions at each evaluation
+        train_cfg.sample_temperature = 0.0
     base.gradient_checkpointing = train_cfg.activation_checkpointing  # on the Transformer, not a peft wrapper
 
     precision = train_cfg.save_dtype or train_cfg.precision or ("fp32" if on_cpu() else "bf16")
@@ -231,6 +232,7 @@ def sft(model: str, data: str, train_cfg: TrainConfig, mode: Literal["full", "lo
     if mode == "full":
         return train(base, train_ds, val_ds, train_cfg, collate=collate, loss_fn=lm_loss, tokenizer=tokenizer)
 
+    torch.manual_seed(train_cfg.seed)  # LoRA's A matrices start random: the same on every rank and every run
     net = add_lora(base, lora, str(Path(model).resolve()))
     keep = longlora_trainable if mode == "longlora" else (lambda n: "lora_" in n)
 

@@ -241,11 +241,16 @@ def test_lora_zero2_two_ranks_trains_and_resumes(tmp_path, base_dir):
             "--max_examples", 16, "--seq_len", 96, "--lora.r", 8, "--lora.dropout", 0,
             "--train.run_dir", run, "--train.ds_config", "zero2", "--train.max_steps", 6, "--train.save_every", 3,
             "--train.micro_batch_size", 2, "--train.lr", 2e-2, "--train.warmup_steps", 1, "--train.log_every", 1,
-            "--train.eval_every", 100, "--train.eval_batches", 2, "--train.sample_prompts", "[]"]
+            "--train.eval_every", 6, "--train.eval_batches", 2, "--train.eval_at_start", "true",
+            "--train.sample_prompts", "[]"]
     launch("llm/sft.py", args)
     with open(run / "metrics.csv") as f:
-        losses = [float(r["loss"]) for r in csv.DictReader(f) if r["loss"]]
-    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2])  # the same 16 chats, seen again: lower loss
+        rows = list(csv.DictReader(f))
+    losses = [float(r["loss"]) for r in rows if r["loss"]]
+    val = {int(r["step"]): float(r["val_loss"]) for r in rows if r["val_loss"]}
+    print("losses", losses, "val", val)
+    assert len(losses) == 6 and set(val) == {0, 6}
+    assert val[6] < val[0] - 0.05  # the held-out chats' answer loss fell
     adapter = load_file(run / "adapter" / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
     assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at 0: it has trained
