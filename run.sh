@@ -108,5 +108,7 @@ for s in "${STAGES[@]}"; do
     echo "run.sh: stage '$s' failed (fix the error above, then: bash run.sh --from $s)" >&2
     exit 1
   fi
-  printf '%s\t%s\n' "$s" "$(( $(date +%s) - t0 ))" >> "$TIMES"
+  took=$(( $(date +%s) - t0 ))
+  # a stage skipped because its output was there keeps the time of the run that made it
+  if [ "$took" -gt 0 ] || ! grep -q "^$s"$'\t' "$TIMES" 2>/dev/null; then printf '%s\t%s\n' "$s" "$took" >> "$TIMES"; fi
 done

@@ -1,6 +1,7 @@
 """The table `bash run.sh` ends with: per stage its time, and per model its size, perplexity and bits per byte."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -19,6 +20,13 @@ def _eval(path: Path) -> tuple[str, str]:
         return "-", "-"
     r = json.loads(path.read_text())
     return f"{r['ppl']:.2f}", f"{r['bpb']:.3f}" if r.get("bpb") is not None else "-"
+
+
+def _val_losses(metrics_csv: Path) -> list[float]:
+    if not metrics_csv.is_file():
+        return []
+    with metrics_csv.open() as f:
+        return [float(r["val_loss"]) for r in csv.DictReader(f) if r.get("val_loss")]
 
 
 def summary(times: str, base: str, sft: str, quant: str, gguf: str) -> None:
@@ -45,11 +53,15 @@ def summary(times: str, base: str, sft: str, quant: str, gguf: str) -> None:
     for name, path, ev in rows:
         ppl, bpb = _eval(ev) if ev else ("-", "-")
         print(f"| {name} | {path} | {_size(path)} | {ppl} | {bpb} |")
+    val = _val_losses(sft_d / "metrics.csv")
+    if len(val) >= 2:
+        print(f"\nSFT held-out answer loss (metrics.csv): {val[0]:.3f} before → {val[-1]:.3f} after; the ppl above is "
+              "on the pretraining text, which the SFT model has partly traded for the chat task")
     print("\n| stage | seconds |\n|---|---|")
     for stage, s in seconds.items():
         print(f"| {stage} | {s} |")
     print(f"| total | {sum(seconds.values())} |")
-    print(f"\nChat with the result:  .venv/bin/python tools/chat.py --model {sft_d / "final"}")
+    print(f"\nChat with the result:  .venv/bin/python tools/chat.py --model {sft_d / 'final'}")
     print(f"                 4-bit: .venv/bin/python tools/chat.py --model {quant_d}")
 
 
