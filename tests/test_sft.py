@@ -248,7 +248,6 @@ def test_lora_zero2_two_ranks_trains_and_resumes(tmp_path, base_dir):
         rows = list(csv.DictReader(f))
     losses = [float(r["loss"]) for r in rows if r["loss"]]
     val = {int(r["step"]): float(r["val_loss"]) for r in rows if r["val_loss"]}
-    print("losses", losses, "val", val)
     assert len(losses) == 6 and set(val) == {0, 6}
     assert val[6] < val[0] - 0.05  # the held-out chats' answer loss fell
     adapter = load_file(run / "adapter" / "adapter_model.safetensors")
