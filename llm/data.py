@@ -302,7 +302,7 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
 
     Args:
         inputs: one or a list of files, globs or folders of .txt / .jsonl / .jsonl.gz / .parquet, or
-            builtin:shakespeare|renmin|poems|demo (default builtin:demo).
+            builtin:shakespeare|renmin|poems|demo|reviews (default builtin:demo).
         out: output directory (built in a hidden temporary directory and renamed into place when complete).
         tokenizer: sentencepiece tokenizer.model (tools/train_tokenizer.py) or a tokenizer.json.
         text_key: field of jsonl records / column of parquet files that holds the text.

@@ -189,6 +189,8 @@ class SFTDataset(Dataset):
                             "or pass --truncate")
         self.n_examples = len(examples)
         self.items = _pack(examples, seq_len) if pack else [[e] for e in examples]
+        if not pack:  # padded to the batch's longest: the trainer batches similar lengths together
+            self.lengths = [len(x) for x, _ in examples]
 
     def __len__(self):
         return len(self.items)
@@ -286,6 +288,7 @@ class ClassifyDataset(Dataset):
         self.seq_len = seq_len
         ids = tokenizer.encode_batch([t for t, _ in examples])
         self.items = [(i[:seq_len] or [tokenizer.eos_id], y) for i, (_, y) in zip(ids, examples)]
+        self.lengths = [len(x) for x, _ in self.items]  # the trainer batches similar lengths together
 
     def __len__(self):
         return len(self.items)

@@ -358,14 +358,27 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
 
 
-def _epoch_indices(ds, epoch: int, n: int, seed: int, rank: int, world: int) -> list[int]:
+def _epoch_indices(ds, epoch: int, n: int, seed: int, rank: int, world: int, mb: int = 1) -> list[int]:
     """This rank's example order in `epoch`. A dataset with set_epoch (PretrainDataset) is already sharded and
-    ordered per (seed, epoch); any other is shuffled here and dealt out rank by rank."""
+    ordered per (seed, epoch); any other is shuffled here and dealt out rank by rank. A dataset with `lengths`
+    (classification, unpacked SFT: batches padded to their longest item) gets length-bucketed batches of `mb`."""
     if hasattr(ds, "set_epoch"):
         ds.set_epoch(epoch)
         return list(range(n))
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(len(ds), generator=g)[rank::world][:n].tolist()
+    perm = torch.randperm(len(ds), generator=g)
+    lengths = getattr(ds, "lengths", None)
+    if lengths is None or mb == 1:
+        return perm[rank::world][:n].tolist()
+    step = mb * world  # one optimizer micro step over all ranks
+    pool = 64 * step  # sorted by length within pools of 64 steps, so the order stays random across pools
+    perm = perm[: len(perm) // step * step].tolist()
+    steps = []
+    for s in range(0, len(perm), pool):
+        chunk = sorted(perm[s:s + pool], key=lambda i: lengths[i])
+        steps += [chunk[b:b + step] for b in range(0, len(chunk), step)]
+    order = torch.randperm(len(steps), generator=g).tolist()
+    return [i for k in order for i in steps[k][rank * mb:(rank + 1) * mb]][:n]
 
 
 def _local_len(ds, world: int) -> int:
@@ -377,7 +390,7 @@ def micro_batches(ds, state: TrainState, n: int, mb: int, collate, seed: int, ra
     """Micro batches forever, epoch after epoch, starting at (state.epoch, state.index); advances them."""
     per_epoch = n // mb * mb
     while True:
-        order = _epoch_indices(ds, state.epoch, n, seed, rank, world)[state.index:per_epoch]
+        order = _epoch_indices(ds, state.epoch, n, seed, rank, world, mb)[state.index:per_epoch]
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, order), batch_size=mb, shuffle=False,
                                              drop_last=True, collate_fn=collate, num_workers=num_workers,
                                              pin_memory=device.type == "cuda")

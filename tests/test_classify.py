@@ -80,3 +80,43 @@ def test_lora_classifier_saves_merged_head_and_backbone(tmp_path, base_dir):  # 
         torch.testing.assert_close(ref(x).logits, final(x, torch.tensor([20, 20])), atol=1e-5, rtol=1e-5)
     with pytest.raises(UserError, match="exclude each other"):
         main(str(base_dir), train=_train_cfg(tmp_path / "r2", 3, 1e-2), lora=True, freeze_backbone=True)
+
+
+def test_builtin_reviews_text_follows_the_classification_split():
+    """builtin:reviews (language-model text for domain adaptation) must never contain a held-out review."""
+    from llm.corpora import iter_documents
+
+    for split in ("train", "val"):
+        texts = [t for t, _ in load_labelled("builtin:sentiment", split)]
+        assert [d.rstrip("\n") for d in iter_documents("builtin:reviews", split)] == texts
+    held_out = {t for t, _ in load_labelled("builtin:sentiment", "val")}
+    assert held_out and not held_out & {d.rstrip("\n") for d in iter_documents("builtin:reviews", "train")}
+
+
+def test_length_bucketed_batches_cover_each_example_once_and_cut_padding():
+    """Datasets with `lengths` get batches of similar lengths: every rank's micro batches together form one
+    optimizer step over a sorted slice, no example is dealt twice, and padding falls well below random batches."""
+    from llm.trainer import _epoch_indices
+
+    class Lengths(torch.utils.data.Dataset):
+        def __init__(self, lengths):
+            self.lengths = lengths
+
+        def __len__(self):
+            return len(self.lengths)
+
+    lengths = [int(x) for x in torch.randint(1, 128, (1000,), generator=torch.Generator().manual_seed(0))]
+    ds, mb, world = Lengths(lengths), 8, 2
+    n = len(ds) // world
+    ranks = [_epoch_indices(ds, 0, n, 0, r, world, mb) for r in range(world)]
+    assert all(len(r) == n // mb * mb for r in ranks)
+    seen = [i for r in ranks for i in r]
+    assert len(seen) == len(set(seen))
+    assert _epoch_indices(ds, 1, n, 0, 0, world, mb) != ranks[0]  # a new order every epoch
+
+    def padded(order):  # tokens in batches of mb padded to their longest
+        return sum(mb * max(lengths[i] for i in order[b:b + mb]) for b in range(0, len(order) - mb + 1, mb))
+
+    random_order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()[:n // mb * mb]
+    real = sum(lengths[i] for i in ranks[0])
+    assert padded(ranks[0]) < 1.1 * real and padded(random_order) > 1.5 * real
