@@ -34,3 +34,19 @@ def test_pipeline_summary_table(tmp_path, capsys, monkeypatch):
     assert "| GPTQ 4-bit |" in out and "| - | - |" in out  # stages not run show dashes
     assert "7.396 before → 4.822 after" in out
     assert "| pretrain | 290 |" in out and "| total | 365 |" in out  # the last time of a stage counts
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*/*.yaml")))
+def test_config_parses_with_its_cli(config, capsys):
+    """Every shipped config is valid for the CLI its header names (a typo in a field fails here, not in a run)."""
+    import importlib
+
+    from jsonargparse import CLI
+
+    if config.startswith("configs/pretrain/"):
+        main = importlib.import_module("llm.pretrain").pretrain
+    else:
+        main = importlib.import_module("llm.classify" if "classify" in config else "llm.sft").main
+    with pytest.raises(SystemExit) as done:
+        CLI(main, args=["--config", str(ROOT / config), "--print_config"], as_positional=False)
+    assert done.value.code in (0, None) and "train:" in capsys.readouterr().out
