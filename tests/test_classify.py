@@ -1,6 +1,9 @@
 """Classification fine-tuning: the saved head equals transformers' LlamaForSequenceClassification, bad labels are
 caught, and a tiny model learns held-out sentiment above chance through the shared trainer."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +11,8 @@ import torch
 from llm.cli import UserError
 from llm.sft_data import load_labelled
 from test_sft import base_dir, chat_tokenizer  # noqa: F401 - shared fixtures (a tokenizer and a tiny model dir)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_classifier_equals_transformers_sequence_classification(tmp_path, base_dir):  # noqa: F811
@@ -80,6 +85,22 @@ def test_lora_classifier_saves_merged_head_and_backbone(tmp_path, base_dir):  # 
         torch.testing.assert_close(ref(x).logits, final(x, torch.tensor([20, 20])), atol=1e-5, rtol=1e-5)
     with pytest.raises(UserError, match="exclude each other"):
         main(str(base_dir), train=_train_cfg(tmp_path / "r2", 3, 1e-2), lora=True, freeze_backbone=True)
+
+    # tools/eval.py classify scores a saved classifier: the same predictions as the model's own logits
+    examples = load_labelled("builtin:sentiment", "val")[::100]
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in examples))
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "eval.py"), "classify", "--model", r["final"],
+                          "--data", str(data), "--split", "null", "--seq_len", "32"],
+                         capture_output=True, text=True, check=True).stdout
+    report = json.loads(out.strip().splitlines()[-1])
+    from llm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(r["final"])
+    with torch.no_grad():
+        right = sum(int(final(torch.tensor([ids]), torch.tensor([len(ids)])).argmax()) == y
+                    for ids, (_, y) in zip((tok.encode(t)[:32] for t, _ in examples), examples))
+    assert report["n"] == len(examples) and report["accuracy"] == round(right / len(examples), 4)
 
 
 def test_builtin_reviews_text_follows_the_classification_split():

@@ -285,6 +285,8 @@ def bad_input_cases(data_dir: Path, model_dir: Path, tmp: Path) -> list[tuple[st
                                        str(tmp / "s")], ["chat.jsonl:2", "invalid JSON"]),
         ("eval: missing config.json", [ev, "ppl", "--model", str(tmp / "not_a_model"), "--source", "builtin:demo"],
          ["not_a_model", "no config.json"]),
+        ("eval: classify with a language model", [ev, "classify", "--model", m], ["score.weight",
+                                                                                  "not a classification model"]),
         ("quantize: group size not dividing", [qu, "--model", m, "--group_size", "48", "--out", str(tmp / "q")],
          ["config.json", "--group_size 48 does not divide"]),
         ("convert: non-GGUF file", [cv, "from_gguf", "--src", str(tmp / "fake.gguf"), "--dst", str(tmp / "c")],

@@ -4,6 +4,7 @@
     python tools/eval.py ppl --model DIR --source builtin:shakespeare --max_tokens 20000
     python tools/eval.py mc --model DIR --task hellaswag --limit 500 --json results/hellaswag.json
     python tools/eval.py passkey --model DIR --lengths '[256, 512, 1024]' --trials 10
+    python tools/eval.py classify --model runs/cpu-demo-sentiment/final --data builtin:sentiment --split val
 
 The methods are in llm/evaluate.py (sliding-window perplexity as in transformers' guide, lm-evaluation-harness'
 log-likelihood multiple choice, Mohtashami & Jaggi's passkey test). --json FILE writes the numbers for tracking.
@@ -131,5 +132,36 @@ def passkey(model: str, lengths: list[int] = [256, 512, 1024], trials: int = 5, 
              "seconds": round(time.time() - t0, 1)}, json)
 
 
+def classify(model: str, data: str = "builtin:sentiment", split: Optional[str] = "val", val_fraction: float = 0.1,
+             seq_len: int = 128, batch_size: int = 32, json: Optional[str] = None):
+    """Accuracy of a classifier (llm/classify.py's final/, a LlamaForSequenceClassification directory).
+
+    Args:
+        model: the classifier directory with its tokenizer.
+        data: jsonl of {"text", "label"} or builtin:sentiment.
+        split: val (the held-out share, split by hash as in training), train, or null for every record.
+        val_fraction: the held-out share used in training.
+        seq_len: texts are cut to this many tokens (as in training).
+        batch_size: texts scored together.
+        json: also write the result to this JSON file.
+    """
+    from llm.classify import accuracy, load_classifier
+    from llm.sft_data import ClassifyDataset, classify_collate, load_labelled
+
+    tokenizer = _tokenizer(model)
+    clf = load_classifier(model)
+    examples = load_labelled(data, split, val_fraction, clf.score.out_features)
+    if not examples:
+        raise UserError(f"{data}: no records in split {split!r}")
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    loader = torch.utils.data.DataLoader(ClassifyDataset(tokenizer, examples, seq_len), batch_size=batch_size,
+                                         collate_fn=classify_collate(pad))
+    t0 = time.time()
+    acc = accuracy(clf, loader)
+    _report({"model": model, "data": data, "split": split, "n": len(examples), "accuracy": round(acc, 4),
+             "majority": round(max(sum(y == c for _, y in examples) for c in {y for _, y in examples})
+                               / len(examples), 4), "seconds": round(time.time() - t0, 1)}, json)
+
+
 if __name__ == "__main__":
-    run_cli({"ppl": ppl, "mc": mc, "passkey": passkey})
+    run_cli({"ppl": ppl, "mc": mc, "passkey": passkey, "classify": classify})
