@@ -145,8 +145,10 @@ def classify(model: str, data: str = "builtin:sentiment", split: Optional[str] =
         batch_size: texts scored together.
         json: also write the result to this JSON file.
     """
+    from collections import Counter
+
     from llm.classify import accuracy, load_classifier
-    from llm.sft_data import ClassifyDataset, classify_collate, load_labelled
+    from llm.sft_data import ClassifyDataset, load_labelled
 
     tokenizer = _tokenizer(model)
     clf = load_classifier(model)
@@ -154,13 +156,11 @@ def classify(model: str, data: str = "builtin:sentiment", split: Optional[str] =
     if not examples:
         raise UserError(f"{data}: no records in split {split!r}")
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    loader = torch.utils.data.DataLoader(ClassifyDataset(tokenizer, examples, seq_len), batch_size=batch_size,
-                                         collate_fn=classify_collate(pad))
     t0 = time.time()
-    acc = accuracy(clf, loader)
+    acc = accuracy(clf, ClassifyDataset(tokenizer, examples, seq_len), pad, batch_size)
+    majority = Counter(y for _, y in examples).most_common(1)[0][1] / len(examples)
     _report({"model": model, "data": data, "split": split, "n": len(examples), "accuracy": round(acc, 4),
-             "majority": round(max(sum(y == c for _, y in examples) for c in {y for _, y in examples})
-                               / len(examples), 4), "seconds": round(time.time() - t0, 1)}, json)
+             "majority": round(majority, 4), "seconds": round(time.time() - t0, 1)}, json)
 
 
 if __name__ == "__main__":
