@@ -78,6 +78,10 @@ def load_classifier(path, dtype=torch.float32, device="cpu") -> Classifier:
     return clf.eval()
 
 
+def count_correct(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    return int((model(batch["input_ids"], batch["lengths"]).argmax(-1) == batch["labels"]).sum())
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, dataset, pad_id: int, batch_size: int = 32, desc: str = "eval") -> float:
     """Share of `dataset` (a ClassifyDataset) that `model` labels right. Texts are scored shortest first, so a
@@ -89,8 +93,7 @@ def accuracy(model: nn.Module, dataset, pad_id: int, batch_size: int = 32, desc:
     order, collate = sorted(range(len(dataset)), key=dataset.lengths.__getitem__), classify_collate(pad_id)
     correct = 0
     for s in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=not _is_rank0()):
-        batch = collate([dataset[i] for i in order[s:s + batch_size]])
-        correct += int((model(batch["input_ids"], batch["lengths"]).argmax(-1) == batch["labels"]).sum())
+        correct += count_correct(model, collate([dataset[i] for i in order[s:s + batch_size]]))
     model.train(was_training)
     return correct / max(len(order), 1)
 
@@ -193,7 +196,8 @@ def main(model: str, data: str = "builtin:sentiment",
         save_classifier(_rebuild(args, num_labels, sd, lora_opts), final, tokenizer, id2label)
 
     summary = run_training(clf, train_ds, val_ds, train, collate=collate, loss_fn=classify_loss,
-                           trainable_filter=trainable, tokenizer=tokenizer, on_save=on_save)
+                           trainable_filter=trainable, tokenizer=tokenizer, on_save=on_save,
+                           count_correct=count_correct)
     if not _is_rank0() or "final" not in summary:
         return None
     acc = accuracy(load_classifier(summary["final"]), val_ds, pad, train.micro_batch_size)

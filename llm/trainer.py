@@ -520,7 +520,7 @@ def memory_gb(device: torch.device) -> float:
 
 
 CSV_FIELDS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gb", "skipped_steps",
-              "val_loss", "val_bpb", "elapsed_s")
+              "val_loss", "val_bpb", "val_accuracy", "elapsed_s")
 
 
 class Metrics:
@@ -592,14 +592,16 @@ class StopSignal:
 # ----------------------------------------------------------------------------------------------- the loop
 def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, collate: Optional[Callable] = None,
           loss_fn: Optional[Callable] = None, trainable_filter: Optional[Callable[[str, nn.Parameter], bool]] = None,
-          tokenizer=None, on_save: Optional[Callable[[dict, Path], Any]] = None) -> dict:
+          tokenizer=None, on_save: Optional[Callable[[dict, Path], Any]] = None,
+          count_correct: Optional[Callable] = None) -> dict:
     """Train `model` on `train_ds` under DeepSpeed with `cfg`; returns the summary also written to summary.json.
 
     train_ds / val_ds: map-style datasets. One with `set_epoch(e)` (PretrainDataset) is already this rank's shard
     in (seed, epoch) order; any other is shuffled here and split across ranks. collate(list of items) -> dict of
     tensors (default: PretrainDataset's (x, y) -> input_ids / labels); loss_fn(model, batch) -> mean loss (default
     `lm_loss`). trainable_filter(name, param) -> bool freezes the rest. on_save(fp32 state_dict, dst) writes the
-    final model on rank 0 (default: `save_model` of `model`'s args with `tokenizer`). The model's initial weights
+    final model on rank 0 (default: `save_model` of `model`'s args with `tokenizer`). count_correct(model, batch) ->
+    items labelled right (classifiers): evaluations then also log val_accuracy. The model's initial weights
     must be the same on every rank (seed before building it).
     """
     plan = preflight(cfg)
@@ -691,8 +693,8 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, collate: Optiona
     t_start = time.perf_counter() - state.elapsed_s
     try:
         if cfg.eval_at_start and val_ds is not None and state.step == 0:
-            summary["val_loss_at_start"] = evaluate(engine, val_ds, cfg, plan, collate, loss_fn, tokenizer, state,
-                                                    device, metrics, bar).get("val_loss")
+            summary["val_loss_at_start"] = evaluate(engine, val_ds, cfg, plan, collate, loss_fn, count_correct,
+                                                    tokenizer, state, device, metrics, bar).get("val_loss")
             t_window = time.perf_counter()
         while state.step < cfg.max_steps:
             step_loss = torch.zeros((), device=device)
@@ -754,8 +756,8 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, collate: Optiona
             stopping = bool(_all_reduce(stop.signum is not None, device, torch.distributed.ReduceOp.MAX))
             done = state.step == cfg.max_steps
             if val_ds is not None and (state.step % cfg.eval_every == 0 or done):
-                summary.update(evaluate(engine, val_ds, cfg, plan, collate, loss_fn, tokenizer, state, device,
-                                        metrics, bar))
+                summary.update(evaluate(engine, val_ds, cfg, plan, collate, loss_fn, count_correct, tokenizer, state,
+                                        device, metrics, bar))
                 last_eval = state.step
             if state.step % cfg.save_every == 0 or done or stopping:
                 state.elapsed_s = time.perf_counter() - t_start
@@ -871,10 +873,11 @@ def _ranks_in_sync(engine, plan: Plan) -> Optional[bool]:
 
 
 @torch.no_grad()
-def evaluate(engine, val_ds, cfg: TrainConfig, plan: Plan, collate, loss_fn, tokenizer, state: TrainState, device,
-             metrics: Optional[Metrics], bar) -> dict:
+def evaluate(engine, val_ds, cfg: TrainConfig, plan: Plan, collate, loss_fn, count_correct, tokenizer,
+             state: TrainState, device, metrics: Optional[Metrics], bar) -> dict:
     """Mean loss over the first `eval_batches` micro batches of every rank's val shard, bits per byte (with the
-    data's bytes/token), and greedy continuations of `sample_prompts` (all ranks decode: ZeRO-3 needs them)."""
+    data's bytes/token), accuracy on the same items (with `count_correct`), and greedy continuations of
+    `sample_prompts` (all ranks decode: ZeRO-3 needs them)."""
     world = torch.distributed.get_world_size()
     n = int(_all_reduce(_local_len(val_ds, world), device, torch.distributed.ReduceOp.MIN))
     n = min(n // plan.micro_batch_size, cfg.eval_batches) * plan.micro_batch_size
@@ -883,13 +886,17 @@ def evaluate(engine, val_ds, cfg: TrainConfig, plan: Plan, collate, loss_fn, tok
     try:
         if n > 0:
             order = _epoch_indices(val_ds, 0, n, cfg.seed, torch.distributed.get_rank(), world)
-            total = torch.zeros((), device=device)
+            total, correct = torch.zeros((), device=device), torch.zeros((), device=device)
             for i in range(0, n, plan.micro_batch_size):
                 batch = collate([val_ds[j] for j in order[i:i + plan.micro_batch_size]])
                 batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 total += loss_fn(engine, batch).float()
+                if count_correct is not None:
+                    correct += count_correct(engine, batch)
             val_loss = float(_all_reduce(total, device)) / world / (n // plan.micro_batch_size)
             out["val_loss"] = val_loss
+            if count_correct is not None:
+                out["val_accuracy"] = float(_all_reduce(correct, device)) / world / n
             bpt = getattr(val_ds, "bytes_per_token", None)
             out["val_bpb"] = val_loss / math.log(2) / bpt if bpt else float("nan")
         if tokenizer is not None and cfg.sample_prompts and hasattr(engine.module, "setup_cache"):
@@ -906,9 +913,11 @@ def evaluate(engine, val_ds, cfg: TrainConfig, plan: Plan, collate, loss_fn, tok
         engine.train()
     if metrics is not None:
         if "val_loss" in out:
-            metrics.write(dict(step=state.step, tokens=state.tokens, val_loss=out["val_loss"], val_bpb=out["val_bpb"]))
+            metrics.write(dict(step=state.step, tokens=state.tokens, val_loss=out["val_loss"], val_bpb=out["val_bpb"],
+                               val_accuracy=out.get("val_accuracy", "")))
             bpb = f" | bits/byte {out['val_bpb']:.4f}" if math.isfinite(out["val_bpb"]) else ""  # chats: no byte count
-            bar.write(f"eval step {state.step} | val loss {out['val_loss']:.4f}{bpb}")
+            acc = f" | accuracy {out['val_accuracy']:.4f}" if "val_accuracy" in out else ""
+            bar.write(f"eval step {state.step} | val loss {out['val_loss']:.4f}{bpb}{acc}")
         for p, text in out.get("samples", {}).items():
             bar.write(f"  sample {p!r} -> {text!r}")
         if out.get("samples"):

@@ -1,5 +1,6 @@
 """Classification fine-tuning: the saved head equals transformers' LlamaForSequenceClassification, bad labels are
 caught, and a tiny model learns held-out sentiment above chance through the shared trainer."""
+import csv
 import json
 import subprocess
 import sys
@@ -65,9 +66,14 @@ def test_sentiment_learns_above_chance(tmp_path, base_dir):  # noqa: F811
     (majority class: 53%)."""
     from llm.classify import main
 
-    r = main(str(base_dir), "builtin:sentiment", train=_train_cfg(tmp_path / "run", 100, 2e-3), max_examples=1600,
-             eval_examples=400, seq_len=64)
+    cfg = _train_cfg(tmp_path / "run", 100, 2e-3)
+    cfg.eval_every, cfg.eval_batches = 50, 25  # evaluations cover all 400 held-out reviews
+    r = main(str(base_dir), "builtin:sentiment", train=cfg, max_examples=1600, eval_examples=400, seq_len=64)
     assert r["n"] == 400 and r["accuracy"] > 0.62, r
+    with (tmp_path / "run" / "metrics.csv").open() as f:
+        evals = [row for row in csv.DictReader(f) if row["val_accuracy"]]
+    assert [row["step"] for row in evals] == ["50", "100"]
+    assert float(evals[-1]["val_accuracy"]) == pytest.approx(r["accuracy"], abs=1 / 400)  # the final model's
 
 
 def test_lora_classifier_saves_merged_head_and_backbone(tmp_path, base_dir):  # noqa: F811
