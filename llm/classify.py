@@ -173,6 +173,9 @@ def main(model: str, data: str = "builtin:sentiment",
     if eval_examples and eval_examples < len(val_ex):
         val_ex = random.Random(train.seed).sample(val_ex, eval_examples)
     train_ds = ClassifyDataset(tokenizer, train_ex, seq_len)
+    if _is_rank0() and (warning := tokenizer.coverage_warning(*tokenizer.count_byte_fragments(
+            x for x, _ in train_ds.items), data)):
+        print(warning)
     val_ds = ClassifyDataset(tokenizer, val_ex, seq_len)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     collate = classify_collate(pad)

@@ -382,7 +382,7 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
         else:
             pool = mp.Pool(workers, initializer=_init_worker, initargs=(str(tok_path), cfg))
             results = _bounded_imap(pool, _encode_chunk, tasks, 2 * workers)
-        n_tokens = 0
+        n_tokens = n_seen = n_byte = 0
         # closed (its line finished) before an error message is printed
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing into {out_dir}", smoothing=0.1) as bar:
             for ids, lens, nbytes, hashes, is_val, raw in results:
@@ -398,6 +398,8 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
                     elif mask.any():
                         writers[split].write(ids[np.repeat(mask, lens)], lens[mask], nbytes[mask])
                 n_tokens += int(lens[keep].sum())
+                n_byte += tok.count_byte_fragments([ids])[0]
+                n_seen += len(ids)
                 bar.update(raw)
                 bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):,.0f} tokens/s", refresh=False)
         splits = {s: w.close() for s, w in writers.items()}
@@ -406,7 +408,8 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
                             + (" (or every document went to validation)" if splits["val"]["tokens"] else ""))
         meta = {"tokenizer": str(tok_path.resolve()), "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size,
                 "eos_id": tok.eos_id, "dtype": dtype, "splits": splits, "sources": sources, "seed": seed,
-                "duplicates_dropped": dropped, "params": params, "complete": True}
+                "duplicates_dropped": dropped, "byte_fragment_share": round(n_byte / max(n_seen, 1), 4), "params": params,
+                "complete": True}
         # meta.json last: its presence with "complete": true is what marks the build as usable
         (tmp / META).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
         (tmp / ".owner_pid").unlink()
@@ -428,6 +431,8 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
               f"{len(info['shards'])} shard(s), {info['bytes'] / max(info['tokens'], 1):.2f} bytes/token")
     print(f"{mb:.1f} MB of text in {dt:.1f} s ({mb / dt:.2f} MB/s, {n_tokens / dt:,.0f} tokens/s, {workers} "
           f"worker(s)){f'; {dropped:,} duplicate documents dropped' if dedupe else ''}")
+    if warning := tok.coverage_warning(n_byte, n_seen, ", ".join(inputs)):
+        print(warning)
     return meta
 
 

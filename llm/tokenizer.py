@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Iterable, Optional
 from llm.cli import UserError
 
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+BYTE_FRAGMENT_WARN = 0.05  # above this share of byte fragments the vocabulary does not fit the text
 # ChatML, the same format llm/chat.py renders; written to tokenizer_config.json for `apply_chat_template`.
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -128,6 +130,37 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i)) if self.sp is not None else self.hf.id_to_token(int(i))
+
+    @cached_property
+    def is_byte_fragment(self):
+        """Bool array over the vocabulary: the byte-fallback pieces <0x80>..<0xFF>, which spell a character the
+        vocabulary lacks as 2-4 UTF-8 bytes (ASCII bytes such as <0x0A> are whole characters; byte-level BPE such as
+        GPT-2's has no such pieces)."""
+        import numpy as np
+
+        pieces = (self.id_to_piece(i) for i in range(self.vocab_size))
+        return np.fromiter((bool(re.fullmatch(r"<0x[89A-F][0-9A-F]>", p)) for p in pieces), bool, self.vocab_size)
+
+    def count_byte_fragments(self, seqs: Iterable) -> tuple[int, int]:
+        """(byte fragments, tokens) over the id sequences `seqs` (lists or arrays)."""
+        import numpy as np
+
+        n_byte = n = 0
+        for ids in seqs:
+            n_byte += int(self.is_byte_fragment[np.asarray(ids, dtype=np.int64)].sum())
+            n += len(ids)
+        return n_byte, n
+
+    def coverage_warning(self, fragments: int, tokens: int, source: str) -> Optional[str]:
+        """A warning when more than 5% of `source`'s tokens are byte fragments: many of its characters are missing
+        from the vocabulary, so a model spends its capacity spelling them out (text in another script or domain
+        than the tokenizer was trained on)."""
+        share = fragments / max(tokens, 1)
+        if share <= BYTE_FRAGMENT_WARN:
+            return None
+        return (f"warning: {share:.1%} of {source}'s tokens are byte fragments — {self.path} lacks many of its "
+                "characters, and a model learns such text poorly; train a tokenizer on text like it "
+                "(python tools/train_tokenizer.py --inputs '[..., YOUR_TEXT]') before pretraining")
 
     def __repr__(self):
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"

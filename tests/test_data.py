@@ -311,3 +311,26 @@ def test_bad_shards_and_mismatches(demo_dir, tok_path, tmp_path):
     (d / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="interrupted"):
         PretrainDataset(d, "train", 64)
+
+
+def test_byte_fragment_share_warns_on_text_the_vocabulary_lacks(tok_path, tmp_path, capsys):
+    """Reviews under a 1,500-token tokenizer are spelt largely in byte fragments (byte pieces of non-ASCII
+    characters): prepare records their share (sentencepiece's byte pieces >= 0x80) and warns; Shakespeare's only
+    byte pieces are newlines, whole characters, and it passes silently."""
+    import sentencepiece as spm
+
+    from llm.sft_data import load_labelled
+
+    sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+    reviews = [t for t, _ in load_labelled("builtin:sentiment", "val")[:300]]
+    plays = list(iter_documents("builtin:shakespeare", "val", max_bytes=40_000))
+    for name, texts, warned in (("reviews", reviews, True), ("plays", plays, False)):
+        src = tmp_path / f"{name}.jsonl"
+        src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+        meta = prepare([str(src)], out=str(tmp_path / name), tokenizer=str(tok_path), val_fraction=0.0)
+        ids = [i for t in texts for i in sp.encode(t)]
+        fragments = [i for i in ids if sp.IsByte(i) and sp.id_to_piece(i) >= "<0x80>"]
+        share = len(fragments) / (len(ids) + len(texts))  # one eos per document
+        assert meta["byte_fragment_share"] == pytest.approx(share, abs=1e-4)
+        out = capsys.readouterr().out
+        assert (f"{share:.1%} of {src}'s tokens are byte fragments" in out) == warned, (name, share, out[-300:])
