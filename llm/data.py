@@ -408,8 +408,8 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
                             + (" (or every document went to validation)" if splits["val"]["tokens"] else ""))
         meta = {"tokenizer": str(tok_path.resolve()), "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size,
                 "eos_id": tok.eos_id, "dtype": dtype, "splits": splits, "sources": sources, "seed": seed,
-                "duplicates_dropped": dropped, "byte_fragment_share": round(n_byte / max(n_seen, 1), 4), "params": params,
-                "complete": True}
+                "duplicates_dropped": dropped, "byte_fragment_share": round(n_byte / max(n_seen, 1), 4),
+                "params": params, "complete": True}
         # meta.json last: its presence with "complete": true is what marks the build as usable
         (tmp / META).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
         (tmp / ".owner_pid").unlink()
