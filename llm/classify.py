@@ -11,6 +11,7 @@ a linear probe), and `--lora` (LoRA adapters on the backbone plus the head). Rep
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Optional
@@ -99,7 +100,9 @@ def accuracy(model: nn.Module, dataset, pad_id: int, batch_size: int = 32, desc:
 
 
 def _is_rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", 0)) == 0  # started by a launcher, before the trainer joins the group
 
 
 # ----------------------------------------------------------------------------------------------- CLI

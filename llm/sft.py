@@ -185,9 +185,9 @@ def build_data(data: str, val_data: Optional[str], tokenizer, model: Transformer
         f"{' (packed)' if pack else ''}; {train_ds.skipped} skipped, {train_ds.truncated} truncated (longer than "
         f"seq_len{'' if truncate else '; --truncate keeps their beginning'}); "
         f"{val_ds.n_examples if val_ds else 0} held out")
-    if warning := tokenizer.coverage_warning(
-            *tokenizer.count_byte_fragments(x for item in train_ds.items for x, _ in item), data):
-        log(warning)
+    if int(os.environ.get("RANK", 0)) == 0 and (warning := tokenizer.coverage_warning(
+            *tokenizer.count_byte_fragments(x for item in train_ds.items for x, _ in item), data)):
+        log(warning)  # counted on rank 0 only: every rank holds the same examples
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     prompts = [render([m for m in c if m["role"] != "assistant"][:1], add_generation_prompt=True)
                for _, c in (val_chats or train_chats)[:2]]
