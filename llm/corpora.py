@@ -182,9 +182,56 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return out
 
 
+# The end of a .txt document: a line with text, then an empty line. Cutting only there (not after any "\n\n") keeps
+# the documents of a chunked file exactly those of the whole file split by parse_chunk's `\n[ \t]*\n`: no separator
+# can straddle such a cut, whatever the whitespace-only lines around it.
+_PARAGRAPH_END = re.compile(rb"[^ \t\n][ \t]*\n\n")
+
+
+def _last_cut(buf: bytes, start: int, paragraphs: bool) -> int:
+    """Offset just after the last document boundary in `buf` that ends beyond `start`, or -1."""
+    if not paragraphs:
+        return buf.rfind(b"\n", start) + 1 or -1
+    end = len(buf)
+    for _ in range(64):  # the last "\n\n" after a line with text: usually the first candidate
+        k = buf.rfind(b"\n\n", max(start - 1, 0), end)
+        if k < 0:
+            return -1
+        j = k - 1
+        while j >= 0 and buf[j] in b" \t":
+            j -= 1
+        if j >= 0 and buf[j] != ord("\n"):
+            return k + 2
+        end = k + 1
+    ends = [m.end() for m in _PARAGRAPH_END.finditer(buf, 0, end)]  # runs of blank lines: let the regex look
+    return ends[-1] if ends and ends[-1] > start else -1
+
+
+def _cut_stream(f, chunk_bytes: int, paragraphs: bool) -> Iterator[bytes]:
+    """The bytes of `f` in pieces of about `chunk_bytes` (at most twice that, or one whole document if longer),
+    each ending at a document boundary or at the end of the file. Reads block by block and carries the text after
+    the last boundary into the next piece; blocks of a long document are joined once, so time stays linear in the
+    input and memory bounded by the largest document."""
+    pending: list[bytes] = []  # read since the last cut: no boundary in them
+    tail = b""  # the last bytes before the block: a boundary may straddle two blocks
+    while block := f.read(chunk_bytes):
+        hay = tail + block
+        cut = _last_cut(hay, len(tail), paragraphs)
+        tail = hay[-8:] if paragraphs else b""
+        if cut < 0:
+            pending.append(block)
+            continue
+        cut -= len(hay) - len(block)
+        yield b"".join(pending + [memoryview(block)[:cut]])
+        pending = [block[cut:]] if cut < len(block) else []
+    if pending:
+        yield b"".join(pending)
+
+
 def read_chunks(path: str, txt_docs: str = "blank_line", chunk_bytes: int = 1 << 22) -> Iterator[tuple]:
     """Raw pieces of `path` that each hold whole documents: (kind, path, payload, first_line, raw_bytes).
-    Cheap (no decoding, no JSON) so the parent process keeps up with the tokenizing workers."""
+    Cheap (no decoding, no JSON) so the parent process keeps up with the tokenizing workers; a streaming read, so
+    the parent holds at most a chunk or two of the input whatever its size."""
     if txt_docs not in TXT_DOCS:
         raise UserError(f"txt_docs={txt_docs!r}: choose one of {', '.join(TXT_DOCS)}")
     if path.endswith(".parquet"):
@@ -198,27 +245,14 @@ def read_chunks(path: str, txt_docs: str = "blank_line", chunk_bytes: int = 1 <<
             yield "parquet", path, g, 0, os.path.getsize(path) // max(n, 1)
         return
     kind = "jsonl" if ".jsonl" in path else "txt"
-    if kind == "txt" and txt_docs == "file":
-        data = Path(path).read_bytes()
-        yield kind + ":file", path, data, 1, len(data)
+    if kind == "txt" and txt_docs == "file":  # payload None: the worker reads the file (one document)
+        yield kind + ":file", path, None, 1, os.path.getsize(path)
         return
     opener = gzip.open if path.endswith(".gz") else open
     line = 1
     with opener(path, "rb") as f:
         try:
-            while True:
-                data = f.read(chunk_bytes)
-                if not data:
-                    return
-                if kind == "txt" and txt_docs == "blank_line":
-                    # extend to the end of a paragraph: a blank line (or end of file)
-                    while not data.endswith(b"\n\n"):
-                        more = f.readline()
-                        if not more:
-                            break
-                        data += more
-                else:
-                    data += f.readline()  # finish the current line
+            for data in _cut_stream(f, chunk_bytes, paragraphs=kind == "txt" and txt_docs == "blank_line"):
                 yield f"{kind}:{txt_docs}" if kind == "txt" else kind, path, data, line, len(data)
                 line += data.count(b"\n")
         except (OSError, EOFError, gzip.BadGzipFile) as e:
@@ -237,6 +271,11 @@ def _decode(data: bytes, path: str, line: int) -> str:
 def parse_chunk(chunk: tuple, text_key: str = "text") -> list[str]:
     """Documents (non-empty strings) of one chunk from `read_chunks`; raises UserError naming file:line."""
     kind, path, payload, line, _ = chunk
+    if payload is None:  # a whole .txt file (txt_docs="file"), read here in the worker
+        try:
+            payload = Path(path).read_bytes()
+        except OSError as e:
+            raise UserError(f"{path}: cannot read ({e.strerror})") from None
     if kind == "parquet":
         import pyarrow.parquet as pq
 

@@ -196,30 +196,35 @@ def _init_worker(tokenizer_path: str, cfg: dict):
     _WORKER.update(cfg, tok=Tokenizer(tokenizer_path))
 
 
-def _encode_chunk(chunk: tuple) -> tuple:
-    """Tokenize one chunk of documents (in a worker): ids of all documents, each followed by eos, plus per-document
-    token counts, UTF-8 bytes, content hashes (dedupe) and the train/val decision."""
+def _encode_task(task: list[tuple]) -> tuple:
+    """Tokenize one task (in a worker): a list of chunks of `_tasks`, all of files or one of a built-in corpus.
+    Returns the ids of all documents, each followed by eos, as one array, plus per-document token counts, UTF-8
+    bytes, content hashes (dedupe) and the train/val decision, the task's raw bytes and its count of byte-fragment
+    tokens: all the per-token work happens here, the parent only writes."""
     from llm.corpora import parse_chunk
 
-    tok, dtype = _WORKER["tok"], _WORKER["dtype"]
-    docs = chunk[2] if chunk[0] == "docs" else parse_chunk(chunk, _WORKER["text_key"])
+    tok, dtype = _WORKER["tok"], DTYPES[_WORKER["dtype"]]
+    builtin = task[0][0] == "docs"
+    docs = task[0][2] if builtin else [d for c in task for d in parse_chunk(c, _WORKER["text_key"])]
     raw = [d.encode("utf-8") for d in docs]
     enc = tok.encode_batch(docs)
     for e in enc:
         e.append(tok.eos_id)
     lens = np.fromiter(map(len, enc), np.int64, len(enc))
-    ids = np.fromiter(itertools.chain.from_iterable(enc), DTYPES[dtype], int(lens.sum()))
+    ids = np.fromiter(itertools.chain.from_iterable(enc), dtype, int(lens.sum()))
+    del enc  # the Python ints take ~20x the array's memory
     nbytes = np.fromiter(map(len, raw), np.int64, len(raw))
-    split_by_hash = chunk[0] != "docs" and _WORKER["val_fraction"] > 0
+    split_by_hash = not builtin and _WORKER["val_fraction"] > 0
     digests = [hashlib.blake2b(b, digest_size=8).digest() for b in raw] if _WORKER["dedupe"] or split_by_hash else []
     hashes = np.frombuffer(b"".join(digests), np.uint64) if digests else np.zeros(0, np.uint64)
     if not split_by_hash:  # built-in corpora come with their own held-out documents
-        is_val = np.full(len(docs), chunk[0] == "docs" and chunk[3] == "val")
+        is_val = np.full(len(docs), builtin and task[0][3] == "val")
     else:  # a keyed hash of the content: deterministic for a seed, independent of order and worker count
         salt = _WORKER["seed"].to_bytes(16, "little")
         u = [int.from_bytes(hashlib.blake2b(h, digest_size=8, salt=salt).digest(), "little") for h in digests]
         is_val = np.array(u, dtype=np.float64) < _WORKER["val_fraction"] * 2.0**64
-    return ids, lens, nbytes, hashes, is_val, chunk[4]
+    n_byte = tok.count_byte_fragments([ids])[0]
+    return ids, lens, nbytes, hashes, is_val, sum(c[4] for c in task), n_byte
 
 
 class _ShardWriter:
@@ -256,22 +261,36 @@ class _ShardWriter:
         return {"shards": self.shards, **{k: sum(s[k] for s in self.shards) for k in ("tokens", "documents", "bytes")}}
 
 
-def _tasks(files: list[str], txt_docs: str, chunk_bytes: int) -> Iterator[tuple]:
+def _tasks(files: list[str], txt_docs: str, chunk_bytes: int) -> Iterator[list[tuple]]:
+    """Work for the tokenizing processes: lists of chunks of about `chunk_bytes` (the chunks of small files are
+    grouped, so a folder of many small files is not one inter-process round trip per file); a built-in corpus's
+    documents come in chunks of one split each."""
     from llm.corpora import iter_documents, read_chunks
 
+    group, size = [], 0
     for src in files:
         if not src.startswith("builtin:"):
-            yield from read_chunks(src, txt_docs, chunk_bytes)
+            for chunk in read_chunks(src, txt_docs, chunk_bytes):
+                group.append(chunk)
+                size += chunk[4]
+                if size >= chunk_bytes:
+                    yield group
+                    group, size = [], 0
             continue
+        if group:
+            yield group
+            group, size = [], 0
         for split in ("train", "val"):
-            docs, size = [], 0
+            docs, n = [], 0
             for d in itertools.chain(iter_documents(src, split), [None]):
                 if d is not None:
                     docs.append(d)
-                    size += len(d)
-                if docs and (d is None or size >= chunk_bytes // 4):
-                    yield "docs", src, docs, split, sum(len(x.encode("utf-8")) for x in docs)
-                    docs, size = [], 0
+                    n += len(d)
+                if docs and (d is None or n >= chunk_bytes // 4):
+                    yield [("docs", src, docs, split, sum(len(x.encode("utf-8")) for x in docs))]
+                    docs, n = [], 0
+    if group:
+        yield group
 
 
 def _sources(files: list[str]) -> list[dict]:
@@ -378,14 +397,14 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
         tasks = _tasks(files, txt_docs, int(chunk_mb * 2**20))
         if workers == 1:
             _init_worker(str(tok_path), cfg)
-            results = map(_encode_chunk, tasks)
+            results = map(_encode_task, tasks)
         else:
             pool = mp.Pool(workers, initializer=_init_worker, initargs=(str(tok_path), cfg))
-            results = _bounded_imap(pool, _encode_chunk, tasks, 2 * workers)
+            results = _bounded_imap(pool, _encode_task, tasks, 2 * workers)
         n_tokens = n_seen = n_byte = 0
         # closed (its line finished) before an error message is printed
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing into {out_dir}", smoothing=0.1) as bar:
-            for ids, lens, nbytes, hashes, is_val, raw in results:
+            for ids, lens, nbytes, hashes, is_val, raw, n_frag in results:
                 keep = np.ones(len(lens), bool)
                 if dedupe:
                     for i, h in enumerate(hashes.tolist()):
@@ -398,7 +417,7 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
                     elif mask.any():
                         writers[split].write(ids[np.repeat(mask, lens)], lens[mask], nbytes[mask])
                 n_tokens += int(lens[keep].sum())
-                n_byte += tok.count_byte_fragments([ids])[0]
+                n_byte += n_frag
                 n_seen += len(ids)
                 bar.update(raw)
                 bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):,.0f} tokens/s", refresh=False)
