@@ -110,11 +110,26 @@ class Tokenizer:
         ids = self.sp.encode(text) if self.sp is not None else self.hf.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def encode_batch(self, texts: Iterable[str], num_threads: int = 1) -> list[list[int]]:
+    def encode_batch(self, texts: Iterable[str], num_threads: int = 1, eos: bool = False,
+                     numpy: bool = False) -> list:
+        """Ids of each text, eos appended with `eos`: lists of ints, or with `numpy` int32 arrays, which sentencepiece
+        fills without making a Python int per token (a fifth less time than lists; its return_type="numpy")."""
         texts = list(texts)
         if self.sp is not None:
-            return self.sp.encode(texts, num_threads=num_threads)
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+            try:
+                return self.sp.encode(texts, num_threads=num_threads, add_eos=eos,
+                                      **({"return_type": "numpy"} if numpy else {}))
+            except (TypeError, ValueError):  # a sentencepiece without return_type="numpy"
+                if not numpy:
+                    raise
+            ids = self.sp.encode(texts, num_threads=num_threads, add_eos=eos)
+        else:
+            ids = [e.ids + ([self.eos_id] if eos else []) for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        if numpy:
+            import numpy as np
+
+            return [np.array(x, dtype=np.int32) for x in ids]
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`. sentencepiece renders its control tokens (bos/eos/pad) as nothing; the chat tokens are

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from llm.cli import UserError, run_cli
-from llm.corpora import iter_documents
+from llm.corpora import iter_documents, parse_chunk, read_chunks
 from llm.data import PretrainDataset, check_tokenizer, prepare, read_meta
 from llm.tokenizer import Tokenizer
 
@@ -112,6 +112,69 @@ def test_txt_documents_and_val_split(tok_path, docs, tmp_path):
     out4 = tmp_path / "lines"
     prepare([str(tmp_path / "a.txt")], out=str(out4), tokenizer=str(tok_path), val_fraction=0.0, txt_docs="line")
     assert _decode_docs(out4, "train", tok) == [l for b in blocks for l in b.split("\n") if l.strip()]
+
+
+def _chunked_docs(path: Path, txt_docs: str, chunk_bytes: int) -> list[str]:
+    chunks = list(read_chunks(str(path), txt_docs, chunk_bytes))
+    data = path.read_bytes()
+    assert b"".join(c[2] for c in chunks) == data  # every byte once, in order
+    starts = np.cumsum([0] + [len(c[2]) for c in chunks])[:-1]
+    assert [c[3] for c in chunks] == [1 + data.count(b"\n", 0, a) for a in starts]  # first line numbers
+    return [d for c in chunks for d in parse_chunk(c)]
+
+
+def test_txt_chunks_hold_whole_documents(tmp_path):
+    """The .txt reader cuts its blocks only between documents: any chunk size gives the documents of the whole file
+    split at once (blank_line: at `\n[ \t]*\n`, whitespace-only lines included; line: at `\n`), for documents
+    straddling block ends, a file without a final newline and a paragraph many blocks long."""
+    rng = np.random.default_rng(0)
+    alphabet = ["a", "b", "中", " ", "\t", "\n", "\n", "\n"]
+    texts = ["".join(rng.choice(alphabet, rng.integers(0, 120))) for _ in range(300)]
+    texts += ["one\n\ntwo\n\n", "no final newline\n\nlast", "\n\n\nlead\n \n\t\n\ntrail \n\n\n",
+              "huge paragraph line\n" * 2000 + "\nafter it\n", ""]
+    f = tmp_path / "t.txt"
+    for text in texts:
+        f.write_text(text, encoding="utf-8")
+        for txt_docs in ("blank_line", "line"):
+            whole = parse_chunk((f"txt:{txt_docs}", str(f), text.encode(), 1, 0))
+            for chunk_bytes in (1, 2, 3, 7, 64, 1 << 20):
+                assert _chunked_docs(f, txt_docs, chunk_bytes) == whole, (text, txt_docs, chunk_bytes)
+    # what the issue's files look like: paragraphs of lines, blank lines between; a paragraph longer than a chunk
+    docs = ["\n".join(f"line {i}.{j} " + "字" * (i % 7) for j in range(i % 50 + 1)) for i in range(400)]
+    f.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    for chunk_bytes in (100, 999, 4096):
+        chunks = list(read_chunks(str(f), "blank_line", chunk_bytes))
+        assert [d for c in chunks for d in parse_chunk(c)] == docs
+        assert max(len(c[2]) for c in chunks) <= 2 * chunk_bytes + max(len(d.encode()) + 2 for d in docs)
+
+
+def test_worker_counts_give_identical_shards(tok_path, docs, tmp_path):
+    """1 worker (in the parent), 2 and 3 workers, large and small chunks: byte-identical shards and meta.json."""
+    import filecmp
+
+    f = tmp_path / "in.txt"
+    f.write_text("\n\n".join(d.strip("\n") for d in docs * 2) + "\n", encoding="utf-8")  # duplicates: dedupe
+    outs = []
+    for workers, chunk_mb in ((1, None), (2, None), (2, 0.003), (3, 0.01)):
+        outs.append(tmp_path / f"out-{workers}-{chunk_mb}")
+        prepare([str(f)], out=str(outs[-1]), tokenizer=str(tok_path), val_fraction=0.1, dedupe=True,
+                workers=workers, chunk_mb=chunk_mb, max_shard_tokens=20_000)
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert len(names) > 3 and "val_000.bin" in names
+    for o in outs[1:]:
+        assert sorted(p.name for p in o.iterdir()) == names
+        assert all(filecmp.cmp(outs[0] / n, o / n, shallow=False) for n in names), o
+
+
+def test_encode_batch_numpy_matches_sentencepiece(tok_path, docs):
+    """The workers' int32 arrays (eos appended) are sentencepiece's own ids."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+    tok = Tokenizer(tok_path)
+    arrays = tok.encode_batch(docs, eos=True, numpy=True)
+    assert [a.tolist() for a in arrays] == [sp.encode(d) + [sp.eos_id()] for d in docs]
+    assert tok.encode_batch(docs[:3]) == [sp.encode(d) for d in docs[:3]]
 
 
 def test_dedupe_and_rerun(tok_path, docs, tmp_path, capsys):
