@@ -1,0 +1,222 @@
+"""bench/gpu.py sections on the model itself: attention-path parity and the SDPA kernel that runs, decoding speed
+against transformers' `generate`, and LongLoRA's peak memory at 8k context."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import llm.model
+from llm.config import ModelArgs
+from llm.model import Transformer
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    return 0
+
+
+def _peak_gb(device, base: int = 0):
+    if device.type == "cuda":
+        return round((torch.cuda.max_memory_allocated(device) - base) / 2**30, 3)
+    from llm.trainer import memory_gb
+
+    return round(memory_gb(device), 3)  # the process's peak RSS on CPU
+
+
+# ----------------------------------------------------------------------------------------------- attention
+SDPA_OPS = ("flash_attention", "efficient_attention", "cudnn_attention", "attention_math", "flash_attention_for_cpu")
+
+
+def _sdpa_ops_used(fn) -> list[str]:
+    """The aten SDPA implementations (flash / efficient / cudnn / math) that run during fn()."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = {e.name for e in prof.events()}
+    return sorted(n.removeprefix("aten::_scaled_dot_product_") for n in names
+                  if n.startswith("aten::_scaled_dot_product_") and n.removeprefix("aten::_scaled_dot_product_")
+                  in SDPA_OPS)
+
+
+def _loss_grads(model, x, y, ctx=contextlib.nullcontext):
+    """Cross entropy and the flattened float32 gradient of every parameter."""
+    model.zero_grad(set_to_none=True)
+    with ctx():
+        loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+        loss.backward()
+    return float(loss), torch.cat([p.grad.float().flatten() for p in model.parameters()])
+
+
+def _compare(loss, grads, ref_loss, ref_grads) -> dict:
+    return {"loss": round(loss, 6), "loss_abs_diff": abs(loss - ref_loss),
+            "grad_rel_err": float((grads - ref_grads).norm() / ref_grads.norm()),
+            "grad_cos": float(F.cosine_similarity(grads, ref_grads, dim=0))}
+
+
+def attention(sec) -> None:
+    """bf16 loss and gradients of every attention path against an fp32 model on the math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev = sec.device
+    preset, B, T = ("debug", 2, 64) if sec.dry else ("125M", 4, 1024)
+    args = ModelArgs.from_preset(preset)
+    torch.manual_seed(0)
+    ref = Transformer(args).to(dev)
+    tokens = torch.randint(0, args.vocab_size, (B, T + 1), device=dev)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    low = copy.deepcopy(ref).to(torch.bfloat16)  # as DeepSpeed's bf16 engine casts the module
+    flash = llm.model.flash_attn_func
+    sec.put("setup", {"preset": preset, "batch": B, "seq": T, "dtype": "bf16", "device": str(dev),
+                      "reference": "fp32 weights, SDPA math kernel", "flash_attn_importable": flash is not None})
+    ref_loss, ref_grads = _loss_grads(ref, x, y, lambda: sdpa_kernel([SDPBackend.MATH]))
+    sec.put("fp32_math_loss", ref_loss)
+    del ref
+    results = {}
+    try:
+        if flash is not None and dev.type == "cuda":
+            with sec.guard("flash_attn"):
+                results["flash_attn"] = _loss_grads(low, x, y)
+                sec.put("flash_attn", _compare(*results["flash_attn"], ref_loss, ref_grads))
+        else:
+            sec.put("flash_attn", "not importable here (pip install flash-attn on the GPU machine to compare)")
+        llm.model.flash_attn_func = None  # the model's SDPA path from here on
+        with sec.guard("sdpa_default"):
+            results["sdpa"] = _loss_grads(low, x, y)
+            sec.put("sdpa_default", {**_compare(*results["sdpa"], ref_loss, ref_grads),
+                                     "kernel": ",".join(_sdpa_ops_used(lambda: low(x)))})
+        with sec.guard("sdpa_flash_or_efficient"):  # errors if only the math kernel could serve these inputs
+            only = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+            res = _loss_grads(low, x, y, lambda: sdpa_kernel(only))
+            with sdpa_kernel(only):
+                kernel = ",".join(_sdpa_ops_used(lambda: low(x)))
+            sec.put("sdpa_flash_or_efficient", {**_compare(*res, ref_loss, ref_grads), "kernel": kernel})
+        kernels = {}
+        for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+            try:
+                with torch.no_grad(), sdpa_kernel([getattr(SDPBackend, name)]):
+                    low(x)
+                kernels[name.lower()] = "runs"
+            except Exception as e:  # noqa: BLE001 - "no kernel for these inputs" is the answer here
+                kernels[name.lower()] = f"unavailable: {str(e).splitlines()[0][:60]}"
+        sec.put("sdpa_kernels_alone", kernels)
+        if "flash_attn" in results and "sdpa" in results:
+            sec.put("flash_attn_vs_sdpa", _compare(*results["flash_attn"], *results["sdpa"]))
+    finally:
+        llm.model.flash_attn_func = flash
+
+
+# ----------------------------------------------------------------------------------------------- decode
+SMOLLM2_135M = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
+                    rope_theta=100000.0, tie_word_embeddings=True, max_seq_len=2048)
+
+
+def decode(sec) -> None:
+    """Batch-1 greedy decoding of a random SmolLM2-135M-shaped model: llm.generate vs transformers' generate."""
+    from transformers import AutoModelForCausalLM
+
+    from llm.generate import generate
+    from llm.hf_format import load_model, save_model
+
+    dev = sec.device
+    if sec.dry:
+        args, new, prompt_len, repeats, dtype = ModelArgs.from_preset("debug"), 16, 8, 2, torch.float32
+    else:
+        args, new, prompt_len, repeats, dtype = ModelArgs(**SMOLLM2_135M), 256, 32, 3, torch.bfloat16
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_model(Transformer(args), f"{tmp}/model")
+        ours = load_model(path, dtype=dtype, device=dev).eval()
+        ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(dev).eval()
+    ref.generation_config.eos_token_id = None  # all new tokens, as ours without stop ids
+    ref.generation_config.pad_token_id = 0
+    prompt = torch.randint(3, args.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    sec.put("setup", {"model": "debug" if sec.dry else "SmolLM2-135M shape (random weights)",
+                      "params_M": round(args.n_params / 1e6, 1), "dtype": str(dtype).removeprefix("torch."),
+                      "batch": 1, "prompt": prompt_len, "new_tokens": new, "timing": f"median of {repeats}"})
+
+    def hf_run():
+        with torch.no_grad():
+            ids = prompt.to(dev)
+            return ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                do_sample=False)[0, prompt_len:].tolist()
+
+    runners = {"ours": lambda: generate(ours, prompt.tolist(), new, compile=False)[0], "transformers": hf_run}
+    if not sec.dry:  # compiling the decode step costs tens of seconds on a CPU: GPU only
+        runners["ours+compile"] = lambda: generate(ours, prompt.tolist(), new, compile=True)[0]
+    outputs = {}
+    for name, fn in runners.items():
+        if sec.skip(name, 15):
+            continue
+        with sec.guard(name):
+            t0 = time.perf_counter()
+            outputs[name] = fn()  # warm-up (and compilation)
+            warm = time.perf_counter() - t0
+            times = []
+            for _ in range(repeats):
+                _sync(dev)
+                t = time.perf_counter()
+                fn()
+                _sync(dev)
+                times.append(time.perf_counter() - t)
+            sec.put(name, {"tokens_per_s": round(new / statistics.median(times), 1), "first_call_s": round(warm, 2)})
+    if "ours" in outputs and "transformers" in outputs:
+        a, b = outputs["ours"], outputs["transformers"]
+        same = next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), min(len(a), len(b)))
+        sec.put("greedy_tokens_equal_before_first_difference", same)
+        sec.put("ratio_ours_vs_transformers", round(sec.data["ours"]["tokens_per_s"]
+                                                    / sec.data["transformers"]["tokens_per_s"], 3))
+
+
+# ----------------------------------------------------------------------------------------------- LongLoRA memory
+def longlora_memory(sec) -> None:
+    """One forward+backward of a LongLoRA model (LoRA + trainable embeddings/norms, YaRN) at 8k tokens: peak memory
+    with S²-Attn (training attention), full causal attention, and S²-Attn with activation checkpointing."""
+    from llm.longlora import disable_s2_attn, enable_s2_attn, extend_context, longlora_trainable
+    from llm.sft import LoraOptions, add_lora
+
+    dev = sec.device
+    preset, T, dtype = ("debug", 256, torch.float32) if sec.dry else ("125M", 8192, torch.bfloat16)
+    args = ModelArgs.from_preset(preset)
+    torch.manual_seed(0)
+    base = Transformer(args).to(dev, dtype)
+    extend_context(base, T / args.max_seq_len)
+    net = add_lora(base, LoraOptions(r=8, alpha=16, dropout=0.0))
+    for name, p in net.named_parameters():
+        p.requires_grad_(longlora_trainable(name))
+    net.train()
+    tokens = torch.randint(0, args.vocab_size, (1, T + 1), device=dev)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    sec.put("setup", {"preset": preset, "context": T, "batch": 1, "dtype": str(dtype).removeprefix("torch."),
+                      "rope_scaling": base.args.rope_scaling.to_dict(), "lora_r": 8,
+                      "trainable_M": round(sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6, 2)})
+    for name, s2, ckpt in (("s2_attn", True, False), ("full_attention", False, False), ("s2_attn_checkpointing", True, True)):
+        if sec.skip(name, 4):
+            continue
+        with sec.guard(name):
+            (enable_s2_attn(base) if s2 else disable_s2_attn(base))
+            base.gradient_checkpointing = ckpt
+            for _ in range(2):  # the second pass is timed: the first pays for kernel selection and set-up
+                net.zero_grad(set_to_none=True)
+                start = _peak_reset(dev)
+                _sync(dev)
+                t = time.perf_counter()
+                loss = F.cross_entropy(net(x).flatten(0, 1).float(), y.flatten())
+                loss.backward()
+                _sync(dev)
+            sec.put(name, {"peak_gb": _peak_gb(dev, start), "step_s": round(time.perf_counter() - t, 3),
+                           "loss": round(loss.item(), 4)})

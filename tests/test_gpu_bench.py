@@ -1,0 +1,74 @@
+"""bench/gpu.sh, the one-command GPU benchmark: its CPU rehearsal (--dry-run) runs every section and writes
+numbers, and without a GPU the real run refuses in one line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from gpu import SECTIONS, errors_in  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(tmp_path: Path) -> dict:
+    return {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+
+
+def _numbers(obj) -> list[float]:
+    if isinstance(obj, bool):
+        return []
+    if isinstance(obj, (int, float)):
+        return [obj]
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _numbers(v)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in _numbers(v)]
+    return []
+
+
+def test_dry_run_writes_every_section(tmp_path):
+    proc = subprocess.run(["bash", "bench/gpu.sh", "--dry-run"], cwd=ROOT, env=_env(tmp_path), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["env"]["mode"] == "dry-run (CPU)"
+    assert list(result["sections"]) == list(SECTIONS)
+    for name, sec in result["sections"].items():
+        assert not errors_in(sec), (name, errors_in(sec))
+        assert len(_numbers(sec)) >= 3, (name, sec)
+    train = result["sections"]["train"]
+    runs = {(r["zero"], r["impl"]): r for r in train["runs"]}
+    for stage in (0, 2, 3):
+        for impl in ("ours", "transformers"):
+            assert runs[stage, impl]["tokens_per_s"] > 0 and runs[stage, impl]["peak_gb"] > 0
+    assert runs[0, "ours+compile"]["tokens_per_s"] > 0
+    # the same weights and batch: both implementations start from the same loss
+    assert runs[0, "ours"]["loss"] == pytest.approx(runs[0, "transformers"]["loss"], abs=1e-3)
+    attn = result["sections"]["attention"]
+    assert attn["sdpa_default"]["grad_cos"] > 0.99 and attn["sdpa_default"]["loss_abs_diff"] < 0.05
+    assert attn["sdpa_default"]["kernel"]  # the aten SDPA op that ran, read off the profiler
+    parity = result["sections"]["bf16_parity"]
+    assert len(parity["losses"]) >= 2 and parity["summary"]["max_abs_diff"] < 0.5
+    assert result["sections"]["decode"]["ours"]["tokens_per_s"] > 0
+    passkey = result["sections"]["context"]["passkey"]
+    assert {r["model"] for r in passkey} == {"base", "yarn, no fine-tuning", "yarn + LongLoRA"}
+    assert all(0 <= r["accuracy"] <= 1 for r in passkey)
+    assert result["sections"]["longlora_memory"]["s2_attn"]["peak_gb"] > 0
+    md = (tmp_path / "gpu.md").read_text()
+    assert all(f"## {name}" in md for name in SECTIONS) and "| preset |" in md
+    assert (tmp_path / "gpu.log").stat().st_size > 0
+
+
+def test_without_gpu_refuses_in_one_line(tmp_path):
+    proc = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert len(lines) == 1 and "no CUDA GPU" in lines[0] and "--dry-run" in lines[0], lines
+    assert not (tmp_path / "gpu.json").exists()
