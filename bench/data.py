@@ -38,6 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
+from llm.corpora import iter_documents
+from llm.data import prepare
+
 DEFAULT_TOKENIZER = Path("data/tokenizer/tokenizer.model")
 
 
@@ -62,8 +65,6 @@ def baseline_prepare(src: str, tokenizer: str, out: str) -> int:
 def write_inputs(mb: float, stem: Path, kinds=("txt", "jsonl")) -> float:
     """STEM.txt and STEM.jsonl holding the same documents, about `mb` MB; returns the MB of document text.
     Written as it goes (a 400 MB input is never held in memory)."""
-    from llm.corpora import iter_documents
-
     base = [d.strip("\n") for d in itertools.chain(iter_documents("builtin:shakespeare", None),
                                                      iter_documents("builtin:renmin", None))]
     # the .txt file's documents: a scene with blank lines in it is several documents
@@ -102,8 +103,6 @@ def _cpu() -> tuple[float, float]:
 
 
 def _ours(src: str, out: Path, tok: str, workers: int) -> dict:
-    from llm.data import prepare
-
     with open(os.devnull, "w") as null, redirect_stdout(null), redirect_stderr(null):
         return prepare([src], out=str(out), tokenizer=tok, val_fraction=0.0, workers=workers, overwrite=True)
 
@@ -142,6 +141,10 @@ def compare(args):
                       f"{own:.1f}, workers {kids:.1f})")
             print(f"  ours 2 workers / baseline: {med[kind, names[1]] / med[kind, names[0]]:.2f}x (target >= 1.2x); "
                   f"2 workers / 1 worker: {med[kind, names[1]] / med[kind, names[2]]:.2f}x (target >= 1.7x)")
+            one = statistics.median(sum(c) for c in cpu[names[2]])
+            parent, kids = (statistics.median(c[i] for c in cpu[names[1]]) for i in (0, 1))
+            print(f"  CPU seconds: 1 worker {one:.1f}; 2 workers: parent {parent:.1f} + workers {kids:.1f} -> on 2 free "
+                  f"cores 2 workers / 1 worker at most {one / max(parent, kids / 2):.2f}x")
         print(f"load average now {os.getloadavg()[0]:.1f}")
         r = [med[k, names[1]] / med[k, names[0]] for k in ("txt", "jsonl")]
         print(f"ratio: {math.sqrt(r[0] * r[1]):.2f}")

@@ -330,7 +330,7 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
         dtype: token dtype on disk; auto = uint16 when the vocabulary fits, else uint32.
         max_shard_tokens: shard size bound in tokens (100M tokens = 200 MB as uint16).
         workers: tokenizing processes; 0 = one per CPU core.
-        chunk_mb: MB of raw text per task handed to a worker; default: an eighth of the input per worker,
+        chunk_mb: MB of raw text per task handed to a worker; default: a sixteenth of the input per worker,
             between 0.25 and 4 MB (small inputs still spread over all workers).
         overwrite: rebuild even if OUT already holds a complete build of the same inputs.
     """
@@ -390,7 +390,7 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
         seen: set[int] = set()
         dropped = 0
         if chunk_mb is None:
-            chunk_mb = min(4.0, max(0.25, (total or 2**22) / 2**20 / (8 * workers)))
+            chunk_mb = min(4.0, max(0.25, (total or 2**22) / 2**20 / (16 * workers)))
         tasks = _tasks(files, txt_docs, int(chunk_mb * 2**20))
         if workers == 1:
             _init_worker(str(tok_path), cfg)
