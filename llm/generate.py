@@ -4,16 +4,19 @@ Prompts of different lengths are left-padded: every row gets its own rotary posi
 and a key mask that hides its pad slots, so a row decodes exactly as it would alone. Sampling follows
 transformers' logits processors: repetition penalty (Keskar et al. 2019, CTRL), temperature, top-k, nucleus
 top-p (Holtzman et al. 2019); temperature 0 is greedy. Generation stops per row at a stop id, a stop string,
-`max_new_tokens`, or the end of the context. The decode step can be `torch.compile`d (`compile=True`; exact,
-but on CPU not faster yet: the model's `int(input_pos[-1])` and `int(position_ids.max())` break the graph).
+`max_new_tokens`, or the end of the context. The KV cache has static shapes and the one-token decode step is
+`torch.compile`d as one graph when the decoding is long enough to repay it (gpt-fast's design; the prefill stays
+eager: its shape changes with every prompt).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from llm.cli import UserError
+from llm.compile import CompileSetting, resolve
 
 StreamFn = Callable[[int, int], None]  # (row, token id), called for every token kept in the output
 
@@ -63,17 +66,45 @@ def _stop_cut(tokenizer, out: list[int], stop_strings: Sequence[str]) -> Optiona
     return keep
 
 
+CACHE_BUCKET = 256
+# Tokens decoded (batch x new tokens) from which compiling the decode step pays on CPU: compilation takes ~20-40 s
+# on 2 cores the first time (seconds once inductor's on-disk cache holds it) and roughly doubles the steps/s of
+# small models; on a GPU it pays sooner.
+COMPILE_MIN_TOKENS = {"cpu": 4096, "cuda": 512}
+
+
+def _compile_pays(model, batch: int, max_new_tokens: int) -> bool:
+    device = model.model.embed_tokens.weight.device.type
+    return batch * max_new_tokens >= COMPILE_MIN_TOKENS.get(device, 1 << 62)
+
+
+def last_logits(model, tok: torch.Tensor, input_pos: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Logits (B, V) float32 of the last position of tok (B, t)."""
+    h = model.hidden_states(tok, input_pos, position_ids, mask)
+    return model.lm_head(h[:, -1]).float()
+
+
+@functools.cache
+def _compiled_last_logits():
+    """`last_logits` compiled once per process (gpt-fast's decode_one_token): static shapes (B, 1) against the
+    bucketed static cache, so each (model, batch, bucket) compiles once and is reused across calls and chat turns."""
+    return torch.compile(last_logits, dynamic=False, fullgraph=True)
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
              stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (), tokenizer=None,
-             seed: Optional[int] = None, stream: Optional[StreamFn] = None, compile: bool = False,
+             seed: Optional[int] = None, stream: Optional[StreamFn] = None, compile: CompileSetting | bool | None = "auto",
              max_context: Optional[int] = None, truncate: bool = False, use_cache: bool = True) -> list[list[int]]:
     """New token ids for each prompt (stop ids and stop strings are not included).
 
     max_context: the longest sequence allowed (default the model's max_seq_len); a longer prompt is an error, or
     with `truncate` loses its oldest tokens. stop_strings need `tokenizer`. use_cache=False recomputes the whole
-    sequence every step (slow; the reference the cache is tested against).
+    sequence every step (slow; the reference the cache is tested against). compile: torch.compile the one-token
+    decode step ("auto": when the decoding is long enough to repay the compilation, see `_compile_pays`); the
+    tokens are the same either way.
     """
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
@@ -91,11 +122,14 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
             prompts[i] = p[-max(1, context - max_new_tokens):]
     B, T = len(prompts), max(len(p) for p in prompts)
     total = min(T + max_new_tokens, context)
+    # The cache is sized in buckets of CACHE_BUCKET slots: the decode step sees a few static shapes (each compiled
+    # once) and attends over at most CACHE_BUCKET - 1 empty slots.
+    cache_len = min(-(-total // CACHE_BUCKET) * CACHE_BUCKET, context)
     device = model.model.embed_tokens.weight.device
     pad = torch.tensor([T - len(p) for p in prompts], device=device)  # (B,) left pad per row
     tokens = torch.tensor([[p[0]] * (T - len(p)) + p for p in prompts], device=device)  # (B, T); pads repeat p[0]
     padded = bool(pad.any())
-    slots = torch.arange(total, device=device)
+    slots = torch.arange(cache_len, device=device)
     # Key s is visible to row b when s is a real token; pad queries also see themselves, so no row is all-masked
     # (an all-masked softmax gives NaN, which would reach the cache).
     real = slots[None, :] >= pad[:, None]  # (B, S)
@@ -107,8 +141,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
         else:
             generator.manual_seed(seed)
 
-    def logits_at(tok, pos, full_mask: bool):
-        """Logits (B, V) float32 of the last position of tok (B, t) written at cache slots pos (t,)."""
+    def inputs_at(pos, full_mask: bool):
+        """position_ids and mask for tokens written at cache slots pos (t,)."""
         position_ids = mask = None
         if padded:
             position_ids = (pos[None, :] - pad[:, None]).clamp(min=0)  # (B, t)
@@ -120,16 +154,20 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
                 keys = slots[:len(pos)]
                 causal = keys[None, :] <= pos[:, None]  # (t, t)
                 mask = (real[:, None, None, :len(pos)] & causal) | (keys[None, :] == pos[:, None])  # (B, 1, t, t)
-        h = model.hidden_states(tok, pos if use_cache else None, position_ids, mask)
-        return model.lm_head(h[:, -1]).float()
+        return position_ids, mask
 
-    step = torch.compile(logits_at, dynamic=True) if compile else logits_at
+    def logits_at(tok, pos, full_mask: bool):
+        """Logits (B, V) float32 of the last position of tok (B, t) written at cache slots pos (t,)."""
+        return last_logits(model, tok, pos if use_cache else None, *inputs_at(pos, full_mask))
+
+    decode = _compiled_last_logits() if use_cache and resolve(compile, device.type, pays=_compile_pays(
+        model, B, max_new_tokens)) else last_logits
     seq = tokens  # (B, T + generated so far)
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     stop_ids = set(int(s) for s in stop_ids)
     if use_cache:
-        model.setup_cache(B, total)
+        model.setup_cache(B, cache_len)
     try:
         logits = logits_at(tokens, slots[:T], True)
         for pos in range(T, total + 1):
@@ -152,7 +190,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
                 break
             seq = torch.cat([seq, nxt[:, None]], 1)
             if use_cache:
-                logits = step(nxt[:, None], slots[pos:pos + 1], False)
+                pos_t = torch.full((1,), pos, device=device)  # a fresh tensor: a view would guard on its offset
+                logits = decode(model, nxt[:, None], pos_t, *inputs_at(pos_t, False))
             else:
                 logits = logits_at(seq, slots[:pos + 1], True)
     finally:

@@ -105,11 +105,12 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
-        """Write k/v (B, n_kv, T, D) at slots `input_pos` (T,); return the first `length` slots."""
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k/v (B, n_kv, T, D) at slots `input_pos` (T,); return the whole cache. Static shapes (gpt-fast's
+        design): slots not written yet are hidden by the causal mask, so no step reads a length off the device."""
         self.k[:, :, input_pos] = k.to(self.k.dtype)
         self.v[:, :, input_pos] = v.to(self.v.dtype)
-        return self.k[:, :, :length], self.v[:, :, :length]
+        return self.k, self.v
 
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -150,10 +151,9 @@ class Attention(nn.Module):
 
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if self.kv_cache is not None and input_pos is not None:
-            length = int(input_pos[-1]) + 1
-            k, v = self.kv_cache.update(input_pos, k, v, length)  # (B, n_kv, length, D)
-            causal = torch.arange(length, device=x.device)[None, :] <= input_pos[:, None]  # (T, length)
-            mask = causal if mask is None else mask[..., :length] & causal
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, D)
+            causal = torch.arange(k.shape[2], device=x.device)[None, :] <= input_pos[:, None]  # (T, S)
+            mask = causal if mask is None else mask[..., :k.shape[2]] & causal
             y = sdpa(q, k, v, mask)
         elif self.train_attn_fn is not None and self.training and mask is None:
             y = self.train_attn_fn(q, k, v)
@@ -249,29 +249,35 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = None
 
     # -- forward
-    def _rope(self, positions: torch.Tensor, needed: int):
-        """cos/sin gathered at `positions` ((T,) or (B, T)), in float32."""
+    def _rope(self, T: int, input_pos: Optional[torch.Tensor], position_ids: Optional[torch.Tensor]):
+        """cos/sin (T, D) or (B, T, D), float32, for the positions of this forward. Positions are bounded by the
+        shapes (below T without a cache, below the cache's size with one), so no value is read off the device: a
+        host sync per forward, and a graph break under torch.compile. Dynamic NTK is the exception: its
+        frequencies depend on the longest position itself (as in transformers)."""
+        positions = position_ids if position_ids is not None else input_pos
         s = self.args.rope_scaling
-        if s is not None and s.rope_type == "dynamic" and needed > self.args.max_seq_len:
-            cos, sin = rope_tables(self.args, needed, positions.device, dynamic_len=needed)
-        elif needed > self.rope_cos.shape[0]:
-            cos, sin = rope_tables(self.args, needed, positions.device)
-        else:
-            cos, sin = self.rope_cos, self.rope_sin
-        return cos[positions], sin[positions]
+        if s is not None and s.rope_type == "dynamic":
+            needed = int(positions.max()) + 1 if positions is not None else T
+            if needed > self.args.max_seq_len:
+                cos, sin = rope_tables(self.args, needed, self.rope_cos.device, dynamic_len=needed)
+                return (cos[positions], sin[positions]) if positions is not None else (cos[:T], sin[:T])
+        cache = self.model.layers[0].self_attn.kv_cache if input_pos is not None else None
+        bound = cache.k.shape[2] if cache is not None else T
+        cos, sin = self.rope_cos, self.rope_sin
+        if bound > cos.shape[0]:
+            cos, sin = rope_tables(self.args, bound, cos.device)
+        return (cos[positions], sin[positions]) if positions is not None else (cos[:T], sin[:T])
 
     def hidden_states(self, tokens: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
                       position_ids: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, dim).
 
         tokens: (B, T). input_pos: (T,) cache slots when decoding with a cache. position_ids: (B, T) rotary positions
-        (default: input_pos, or 0..T-1) — per-example positions for packed or left-padded batches.
+        (default: input_pos, or 0..T-1) — per-example positions for packed or left-padded batches; they must lie
+        below T (below the cache's size when decoding).
         mask: bool (B, 1, T, S), True = may attend; it must include causality when given without a cache.
         """
-        T = tokens.shape[1]
-        if position_ids is None:
-            position_ids = input_pos if input_pos is not None else torch.arange(T, device=tokens.device)
-        cos, sin = self._rope(position_ids, int(position_ids.max()) + 1)
+        cos, sin = self._rope(tokens.shape[1], input_pos, position_ids)
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:

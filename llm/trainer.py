@@ -31,7 +31,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm.cli import UserError
+from llm.compile import resolve as resolve_compile
 
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
@@ -91,8 +92,11 @@ class TrainConfig:
     """dtype of the weights in final/ (consolidated in fp32, then cast); None = the training precision."""
     activation_checkpointing: bool = False
     """Recompute each layer in the backward pass (less memory, ~30% more compute)."""
-    compile: bool = False
-    """torch.compile the model (DeepSpeed's engine.compile)."""
+    compile: Union[bool, Literal["auto"]] = "auto"
+    """torch.compile each decoder block (same results within float tolerance, ~1.2x the steps/s of the eager
+    model on CPU). auto = on when the run is long enough to repay compilation (COMPILE_MIN_TOKENS) and the
+    platform can compile (a C++ compiler on CPU, Triton on GPUs); true = always (a warning and eager where it
+    cannot); false = never."""
     seed: int = 0
     """Seed of the data order (and of the RNGs, restored exactly on resume)."""
     log_every: int = 10
@@ -300,6 +304,23 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.op
         return cosine
     warmup = LinearLR(optimizer, start_factor=1.0 / W, end_factor=1.0, total_iters=max(W - 1, 1))
     return SequentialLR(optimizer, [warmup, cosine], milestones=[W])
+
+
+# Tokens a run must still train on for compile=auto to switch compilation on: compiling the blocks' forward and
+# backward takes ~30-60 s on a 2-core CPU (a minute or two on a GPU) and saves ~15-20% of every later step.
+COMPILE_MIN_TOKENS = {"cpu": 1_000_000, "cuda": 50_000_000}
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile every decoder block in place (torchtitan's per-block compile: one graph reused by all the
+    blocks, so compilation does not grow with depth); works inside peft and classifier wrappers and under
+    DeepSpeed's engine, which keeps calling the same modules. Returns the number of blocks."""
+    from llm.model import DecoderLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, DecoderLayer)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -648,8 +669,6 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, collate: Optiona
     torch.distributed.barrier()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=plan.ds_config,
                                            lr_scheduler=lambda opt: lr_scheduler(opt, cfg))
-    if cfg.compile:
-        engine.compile()
 
     state = TrainState()
     if resume_meta is not None:
@@ -673,6 +692,10 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, collate: Optiona
     # with inf/NaN gradients itself; we check them there.
     guard_nonfinite = plan.zero_stage == 0 and plan.precision == "fp32"
     seq_len = getattr(train_ds, "seq_len", None) or getattr(getattr(model, "args", None), "max_seq_len", 0)
+    remaining_tokens = (cfg.max_steps - state.step) * plan.global_batch_size * seq_len
+    if resolve_compile(cfg.compile, device.type, remaining_tokens >= COMPILE_MIN_TOKENS.get(device.type, 1 << 62),
+                       warn=log):
+        log(f"compiling {compile_blocks(model)} decoder blocks (torch.compile: the first steps are slow)")
     flops_per_token = model.args.flops_per_token(seq_len) if hasattr(model, "args") else None
     peak = peak_flops(device)
 
@@ -753,7 +776,9 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, collate: Optiona
                 raise UserError(f"{run_dir}: {bad_streak} steps in a row had a non-finite loss or gradient — "
                                 f"stopping; the last good checkpoint is {last or 'none'}. Lower train.lr, raise "
                                 "train.warmup_steps, lower train.grad_clip, or train in bf16/fp32")
-            stopping = bool(_all_reduce(stop.signum is not None, device, torch.distributed.ReduceOp.MAX))
+            stopping = stop.signum is not None  # every rank must agree: one all-reduce (none alone)
+            if world > 1:
+                stopping = bool(_all_reduce(stopping, device, torch.distributed.ReduceOp.MAX))
             done = state.step == cfg.max_steps
             if val_ds is not None and (state.step % cfg.eval_every == 0 or done):
                 summary.update(evaluate(engine, val_ds, cfg, plan, collate, loss_fn, count_correct, tokenizer, state,
@@ -905,9 +930,10 @@ def evaluate(engine, val_ds, cfg: TrainConfig, plan: Plan, collate, loss_fn, cou
             prompts = [tokenizer.encode(p, bos=tokenizer.bos_id is not None) for p in cfg.sample_prompts]
             module = engine.module  # a peft (LoRA) wrapper holds the Transformer that generate() expects
             module = module.get_base_model() if hasattr(module, "get_base_model") else module
-            outs = generate(module, prompts, cfg.sample_tokens, temperature=cfg.sample_temperature,
-                            top_k=50 if cfg.sample_temperature > 0 else None, seed=cfg.seed,
-                            stop_ids=tokenizer.stop_ids, truncate=True)
+            with torch.compiler.set_stance("force_eager"):  # compiled blocks: a few tokens do not repay compiling
+                outs = generate(module, prompts, cfg.sample_tokens, temperature=cfg.sample_temperature,
+                                top_k=50 if cfg.sample_temperature > 0 else None, seed=cfg.seed,
+                                stop_ids=tokenizer.stop_ids, truncate=True, compile=False)
             out["samples"] = {p: tokenizer.decode(o) for p, o in zip(cfg.sample_prompts, outs)}
     finally:
         engine.train()

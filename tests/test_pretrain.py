@@ -75,7 +75,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 DRIVER = r'''
 """Several training runs in one DeepSpeed launch (each through the real CLI or train())."""
-import json, os, sys, traceback
+import json, os, shutil, sys, traceback
 from pathlib import Path
 import torch
 from llm.cli import UserError, run_cli
@@ -104,7 +104,11 @@ jobs_file, results_file = [a for a in sys.argv[1:] if not a.startswith("--local_
 results = []
 for job in json.loads(Path(jobs_file).read_text()):
     try:
-        if "argv" in job:
+        if "copy" in job:  # seed a run directory with another run's checkpoint (rank 0 copies, all wait)
+            if torch.distributed.get_rank() == 0:
+                shutil.copytree(*job["copy"])
+            torch.distributed.barrier()
+        elif "argv" in job:
             run_cli(pretrain, job["argv"])
         else:
             nan_run(job)
@@ -128,7 +132,8 @@ def stage_args(data_dir: Path, run: Path, stage: int, *extra) -> list[str]:
 @pytest.fixture(scope="session")
 def runs(data_dir, tmp_path_factory) -> dict[str, Path]:
     """One 2-rank `deepspeed` launch that trains: ZeRO 0/1/2/3 for 12 steps; micro 2 x accum 4 and micro 8 x 1
-    for 2 steps; two runs whose loss turns NaN (ZeRO-0: our check, ZeRO-1: DeepSpeed's)."""
+    for 2 steps; two runs whose loss turns NaN (ZeRO-0: our check, ZeRO-1: DeepSpeed's); ZeRO-1 with compiled
+    blocks, and the same resumed from its step-4 checkpoint."""
     base = tmp_path_factory.mktemp("runs")
     out = {f"zero{s}": base / f"zero{s}" for s in range(4)}
     out |= {"accum": base / "accum", "big": base / "big", "nan0": base / "nan0", "nan1": base / "nan1"}
@@ -141,13 +146,21 @@ def runs(data_dir, tmp_path_factory) -> dict[str, Path]:
     # NaN on steps 3, 4 (skipped, then training goes on) and 6, 7, 8 (three in a row: the run stops)
     jobs += [{"data": str(data_dir), "run_dir": str(out[f"nan{s}"]), "ds_config": f"zero{s}",
               "nan_steps": [3, 4, 6, 7, 8]} for s in (0, 1)]
+    # compiled blocks (ZeRO-1), checkpoints every 4 steps; then a compiled run resumed from its step-4 checkpoint
+    keep = ["--train.compile", "true", "--train.save_every", 4, "--train.keep_checkpoints", 10]
+    out |= {"compiled": base / "compiled", "compiled_resumed": base / "compiled_resumed"}
+    step4 = "checkpoints/step_00000004"
+    jobs += [{"argv": stage_args(data_dir, out["compiled"], 1, *keep)},
+             {"copy": [str(out["compiled"] / step4), str(out["compiled_resumed"] / step4)]},
+             {"argv": stage_args(data_dir, out["compiled_resumed"], 1, *keep, "--train.resume", "auto")}]
     (base / "jobs.json").write_text(json.dumps(jobs))
     (base / "driver.py").write_text(DRIVER)
     r = subprocess.run(deepspeed_cmd(base / "driver.py", [base / "jobs.json", base / "results.json"]), cwd=base,
-                       env=clean_env(), capture_output=True, text=True, timeout=400)
+                       env=clean_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     results = json.loads((base / "results.json").read_text())
-    out["results"] = dict(zip(["zero0", "zero1", "zero2", "zero3", "accum", "big", "nan0", "nan1"], results))
+    out["results"] = dict(zip(["zero0", "zero1", "zero2", "zero3", "accum", "big", "nan0", "nan1", "compiled", "copy",
+                               "compiled_resumed"], results))
     out["log"] = r.stdout + r.stderr
     return out
 
@@ -287,6 +300,23 @@ def test_sigterm_saves_and_resume_is_bit_identical(runs, data_dir, tmp_path):
     assert losses(run) == losses(ref)  # every step's loss, as printed by repr: bit-identical
     assert losses(run, "val_loss") == losses(ref, "val_loss")
     a, b = load_file(run / "final" / "model.safetensors"), load_file(ref / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_compiled_training_equals_eager_and_resumes_bit_identically(runs):
+    """train.compile=true (torch.compile of every block) under ZeRO-1 on 2 ranks: every step's loss within 1e-5
+    (relative) of the eager run's; a compiled run resumed from a checkpoint reproduces the uninterrupted compiled
+    run exactly (losses and final weights)."""
+    assert runs["results"]["compiled"] == "ok" and runs["results"]["compiled_resumed"] == "ok", runs["results"]
+    assert "compiling 2 decoder blocks" in runs["log"]
+    eager, compiled = losses(runs["zero1"]), losses(runs["compiled"])
+    assert [s for s, _ in eager] == [s for s, _ in compiled] and len(eager) == STEPS
+    for (step, a), (_, b) in zip(eager, compiled):
+        assert abs(float(a) - float(b)) <= 1e-5 * abs(float(a)), (step, a, b)
+    resumed = losses(runs["compiled_resumed"])
+    assert resumed == compiled[4:]  # steps 5..12, bit-identical as printed by repr
+    a = load_file(runs["compiled"] / "final" / "model.safetensors")
+    b = load_file(runs["compiled_resumed"] / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 

@@ -1,0 +1,50 @@
+"""When `torch.compile` can run here, and the one switch every CLI uses for it (`auto` / `true` / `false`).
+
+Inductor writes C++ (CPU) or Triton (CUDA) kernels: without a C++ compiler, or without Triton on a GPU, compiling
+fails deep inside the first forward. `compile_problem` finds that up front, so a requested compile turns into one
+warning line and the eager path instead of a crash.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+from typing import Literal, Optional, Union
+
+import torch
+
+CompileSetting = Literal["auto", "true", "false"]
+
+
+@functools.cache
+def compile_problem(device_type: str = "cpu") -> Optional[str]:
+    """Why torch.compile cannot run on `device_type` here (one line), or None when it can."""
+    if sys.version_info >= (3, 14) and not hasattr(torch, "_dynamo"):
+        return "this Python is too new for torch.compile"
+    if device_type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "Triton is not installed (pip install triton)"
+        return None
+    if device_type != "cpu":
+        return f"no inductor backend for {device_type}"
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None and shutil.which("c++") is None:
+        return f"no C++ compiler ({cxx}) on PATH (apt-get install g++)"
+    return None
+
+
+def resolve(setting: Union[CompileSetting, bool, None], device_type: str, pays: bool, warn=print) -> bool:
+    """The compile decision: `true` unless it cannot run (then one warning), `false`, or `auto` = on when it can
+    run and `pays` (the caller's judgement that the work repays compilation)."""
+    setting = {None: "auto", True: "true", False: "false"}.get(setting, setting)
+    if setting == "false":
+        return False
+    problem = compile_problem(device_type)
+    if problem is not None:
+        if setting == "true":
+            warn(f"warning: compile requested but {problem} — running eagerly")
+        return False
+    return setting == "true" or pays
