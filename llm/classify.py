@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -148,38 +149,42 @@ def main(model: str, data: str = "builtin:sentiment",
         id2label: class names written to config.json (builtin:sentiment: negative / positive).
     """
     from llm.sft import _tokenizer_or_none
-    from llm.sft_data import ClassifyDataset, classify_collate, load_labelled
-    from llm.trainer import train as run_training
+    from llm.sft_data import ClassifyDataset, classify_collate, tokenized_labelled
+    from llm.trainer import preflight, train as run_training
 
     if freeze_backbone and lora:
         raise UserError("--freeze_backbone and --lora exclude each other: a frozen backbone has no adapters to train")
+    preflight(train)  # a config error comes now, not after tokenizing the data
     tokenizer = _tokenizer_or_none(model)
     if tokenizer is None:
         raise UserError(f"{model}: no tokenizer.model / tokenizer.json — classification needs the model's tokenizer")
+    # tokenized once per data file and tokenizer, then memory-mapped (llm/sft_data.py "Token cache")
+    src = tokenized_labelled(tokenizer, data, num_labels)
     if val_data is None:
-        train_ex = load_labelled(data, "train", val_fraction, num_labels)
-        val_ex = load_labelled(data, "val", val_fraction, num_labels)
+        val_src, train_idx, val_idx = src, src.select("train", val_fraction), src.select("val", val_fraction)
     else:
-        train_ex, val_ex = load_labelled(data, None, 0, num_labels), load_labelled(val_data, None, 0, num_labels)
-    num_labels = num_labels or max(y for _, y in train_ex) + 1
+        val_src = tokenized_labelled(tokenizer, val_data, num_labels)
+        train_idx, val_idx = src.select(None), val_src.select(None)
+    if not len(train_idx):
+        raise UserError(f"{data}: no training records (all {len(src)} are held out: lower --val_fraction)")
+    num_labels = num_labels or int(src.arrays["label"][train_idx].max()) + 1
     if num_labels < 2:
         raise UserError(f"{data}: every training label is 0 — a classifier needs at least two classes")
-    bad = next(((t, y) for t, y in val_ex if y >= num_labels), None)
-    if bad is not None:
-        raise UserError(f"{val_data or data}: held-out label {bad[1]} is out of range for {num_labels} classes "
-                        "(set --num_labels)")
+    bad = np.flatnonzero(val_src.arrays["label"][val_idx] >= num_labels)
+    if len(bad):
+        raise UserError(f"{val_data or data}: held-out label {int(val_src.arrays['label'][val_idx[bad[0]]])} is out "
+                        f"of range for {num_labels} classes (set --num_labels)")
     if id2label is None and data == "builtin:sentiment":
         id2label = {0: "negative", 1: "positive"}
     # subsets drawn at random (the built-in lists all negatives first), the same on every rank
-    if max_examples and max_examples < len(train_ex):
-        train_ex = random.Random(train.seed).sample(train_ex, max_examples)
-    if eval_examples and eval_examples < len(val_ex):
-        val_ex = random.Random(train.seed).sample(val_ex, eval_examples)
-    train_ds = ClassifyDataset(tokenizer, train_ex, seq_len)
-    if _is_rank0() and (warning := tokenizer.coverage_warning(*tokenizer.count_byte_fragments(
-            x for x, _ in train_ds.items), data)):
+    if max_examples and max_examples < len(train_idx):
+        train_idx = train_idx[random.Random(train.seed).sample(range(len(train_idx)), max_examples)]
+    if eval_examples and eval_examples < len(val_idx):
+        val_idx = val_idx[random.Random(train.seed).sample(range(len(val_idx)), eval_examples)]
+    train_ds = ClassifyDataset.from_tokenized(src, train_idx, seq_len, tokenizer.eos_id)
+    if _is_rank0() and (warning := tokenizer.coverage_warning(*train_ds.byte_fragments(tokenizer), data)):
         print(warning)
-    val_ds = ClassifyDataset(tokenizer, val_ex, seq_len)
+    val_ds = ClassifyDataset.from_tokenized(val_src, val_idx, seq_len, tokenizer.eos_id)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     collate = classify_collate(pad)
 

@@ -32,7 +32,7 @@ from llm.cli import UserError, run_cli
 from llm.hf_format import load_model, save_model
 from llm.longlora import enable_s2_attn, extend_context, longlora_trainable
 from llm.model import Transformer
-from llm.trainer import DTYPES, TrainConfig, default_collate, lm_loss, on_cpu, train
+from llm.trainer import DTYPES, TrainConfig, default_collate, lm_loss, on_cpu, preflight, train
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EXTRA_PARAMS = "trainable_params.safetensors"  # LongLoRA's embeddings/norms, next to the adapter
@@ -171,26 +171,29 @@ def build_data(data: str, val_data: Optional[str], tokenizer, model: Transformer
                                  tokenizer) if has_val else None
         return train_ds, val_ds, default_collate, None
 
-    from llm.sft_data import SFTCollator, SFTDataset, load_chats
+    from llm.sft_data import SFTCollator, SFTDataset, tokenized_chats
 
     if tokenizer is None:
         raise UserError(f"{data}: chat data needs the model's tokenizer, and the model directory has none")
-    train_chats = load_chats(data, "train" if val_data is None else None, val_fraction)
-    val_chats = load_chats(val_data, None) if val_data else load_chats(data, "val", val_fraction)
-    if max_examples is not None and max_examples < len(train_chats):  # a random subset, the same on every rank
-        train_chats = random.Random(seed).sample(train_chats, max_examples)
-    train_ds = SFTDataset(tokenizer, train_chats, seq_len, pack, truncate)
-    val_ds = SFTDataset(tokenizer, val_chats, seq_len, pack, truncate) if val_chats else None
+    # tokenized once per data file and tokenizer, then memory-mapped (llm/sft_data.py "Token cache")
+    src = tokenized_chats(tokenizer, data)
+    val_src = tokenized_chats(tokenizer, val_data) if val_data else src
+    train_idx = src.select("train" if val_data is None else None, val_fraction)
+    val_idx = val_src.select(None) if val_data else src.select("val", val_fraction)
+    if max_examples is not None and max_examples < len(train_idx):  # a random subset, the same on every rank
+        train_idx = train_idx[random.Random(seed).sample(range(len(train_idx)), max_examples)]
+    train_ds = SFTDataset.from_tokenized(src, train_idx, seq_len, pack, truncate)
+    val_ds = SFTDataset.from_tokenized(val_src, val_idx, seq_len, pack, truncate) if len(val_idx) else None
     log(f"{data}: {train_ds.n_examples} training examples in {len(train_ds)} sequences of <= {seq_len} tokens"
         f"{' (packed)' if pack else ''}; {train_ds.skipped} skipped, {train_ds.truncated} truncated (longer than "
         f"seq_len{'' if truncate else '; --truncate keeps their beginning'}); "
         f"{val_ds.n_examples if val_ds else 0} held out")
     if int(os.environ.get("RANK", 0)) == 0 and (warning := tokenizer.coverage_warning(
-            *tokenizer.count_byte_fragments(x for item in train_ds.items for x, _ in item), data)):
+            *train_ds.byte_fragments(tokenizer), data)):
         log(warning)  # counted on rank 0 only: every rank holds the same examples
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    prompts = [render([m for m in c if m["role"] != "assistant"][:1], add_generation_prompt=True)
-               for _, c in (val_chats or train_chats)[:2]]
+    first = val_src.chats(val_idx[:2]) if len(val_idx) else src.chats(train_idx[:2])
+    prompts = [render([m for m in c if m["role"] != "assistant"][:1], add_generation_prompt=True) for c in first]
     return train_ds, val_ds, SFTCollator(pad, seq_len, packed=pack), prompts
 
 
@@ -201,6 +204,7 @@ def sft(model: str, data: str, train_cfg: TrainConfig, mode: Literal["full", "lo
         longlora: Optional[LongLoraOptions] = None) -> dict:
     """The function behind the CLI (see `main` for the arguments); returns the trainer's summary."""
     lora, longlora = lora or LoraOptions(), longlora or LongLoraOptions()
+    preflight(train_cfg)  # a config error comes now, not after loading the model and tokenizing the data
     rank0 = int(os.environ.get("RANK", 0)) == 0
     log = print if rank0 else (lambda *a, **k: None)
     base = load_model(model)
