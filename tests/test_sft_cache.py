@@ -1,0 +1,196 @@
+"""The token cache of fine-tuning data (llm/sft_data.py): cached datasets equal the plain per-chat tokenization
+item by item (packed, unpacked, truncated, split, subset; classification), a second load tokenizes nothing, the
+key follows the data file and the tokenizer, an interrupted build is never taken as complete, and two processes
+building at once get the same data from one build."""
+import json
+import multiprocessing
+import random
+
+import numpy as np
+import pytest
+
+import llm.sft_data as sft_data
+from llm.chat import IGNORE_INDEX, tokenize_chat
+from llm.cli import UserError
+from llm.sft_data import (ClassifyDataset, SFTDataset, load_chats, load_labelled, tokenized_chats,
+                          tokenized_labelled)
+from test_sft import chat_tokenizer  # noqa: F401 - shared fixture
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_CACHE", str(tmp_path / "llm-cache"))
+
+
+@pytest.fixture
+def chats_file(tmp_path):
+    """300 chats: single and multi-turn, some longer than 64 tokens, in both record formats."""
+    chats = [c for _, c in load_chats("builtin:chatterbot", None)[:150]]
+    chats += [c for _, c in load_chats("builtin:idioms", None)[:120]]
+    chats += [[{"role": "user", "content": f"{i} 说说"}, {"role": "assistant", "content": "很长的回答。" * (5 * i)}]
+              for i in range(30)]
+    f = tmp_path / "chats.jsonl"
+    with open(f, "w", encoding="utf-8") as out:
+        for i, c in enumerate(chats):
+            rec = {"instruction": c[0]["content"], "output": c[1]["content"]} if i % 7 == 3 else {"messages": c}
+            out.write(json.dumps(rec, ensure_ascii=False) + ("\n\n" if i % 50 == 0 else "\n"))
+    return f
+
+
+def reference_items(tok, chats, seq_len, pack, truncate):
+    """The plain algorithm: tokenize_chat per chat, shift, truncate or skip, greedy packing in order."""
+    examples, skipped, truncated = [], 0, 0
+    for _, chat in chats:
+        ids, labels = tokenize_chat(tok, chat)
+        x, y = ids[:-1], labels[1:]
+        if len(x) > seq_len:
+            if not truncate:
+                skipped += 1
+                continue
+            x, y, truncated = x[:seq_len], y[:seq_len], truncated + 1
+        if all(t == IGNORE_INDEX for t in y):
+            skipped += 1
+            continue
+        examples.append((x, y))
+    if not pack:
+        return [[e] for e in examples], skipped, truncated
+    bins, cur, used = [], [], 0
+    for e in examples:
+        if cur and used + len(e[0]) > seq_len:
+            bins.append(cur)
+            cur, used = [], 0
+        cur.append(e)
+        used += len(e[0])
+    return bins + [cur], skipped, truncated
+
+
+@pytest.mark.parametrize("pack,truncate", [(True, False), (False, False), (True, True), (False, True)])
+def test_cached_chats_equal_plain_tokenization(chat_tokenizer, chats_file, pack, truncate):  # noqa: F811
+    tok = chat_tokenizer
+    src = tokenized_chats(tok, str(chats_file))
+    assert len(src) == 300
+    for split in (None, "train", "val"):
+        chats = load_chats(str(chats_file), split, 0.2)
+        ds = SFTDataset.from_tokenized(src, src.select(split, 0.2), 64, pack, truncate)
+        items, skipped, truncated = reference_items(tok, chats, 64, pack, truncate)
+        assert list(ds) == items
+        assert (ds.n_examples, ds.skipped, ds.truncated) == (sum(map(len, items)), skipped, truncated)
+        assert skipped + truncated > 0
+        if not pack:
+            assert list(ds.lengths) == [len(x) for (x, _), in items]
+        assert ds.byte_fragments(tok) == tok.count_byte_fragments(x for item in items for x, _ in item)
+    # the in-memory dataset is the same thing
+    assert list(SFTDataset(tok, load_chats(str(chats_file), None), 64, pack, truncate)) == \
+        reference_items(tok, load_chats(str(chats_file), None), 64, pack, truncate)[0]
+
+
+def test_build_data_subset_and_prompts_as_before(chat_tokenizer, chats_file):  # noqa: F811
+    """max_examples draws the same chats as random.sample over the chat list; prompts are the first held-out ones."""
+    from llm.chat import render
+    from llm.sft import build_data
+
+    train_ds, val_ds, _, prompts = build_data(str(chats_file), None, chat_tokenizer, None, 64, True, True, 0.2,
+                                              40, 3, log=lambda *a: None)
+    chats = random.Random(3).sample(load_chats(str(chats_file), "train", 0.2), 40)
+    assert list(train_ds) == reference_items(chat_tokenizer, chats, 64, True, True)[0]
+    val = load_chats(str(chats_file), "val", 0.2)
+    assert val_ds.n_examples == len(val)
+    assert prompts == [render(c[:1], add_generation_prompt=True) for _, c in val[:2]]
+
+
+def test_cached_labelled_equal_plain_tokenization(chat_tokenizer, tmp_path):  # noqa: F811
+    tok = chat_tokenizer
+    f = tmp_path / "texts.jsonl"
+    texts = [m["content"] for _, c in load_chats("builtin:chatterbot", None)[:200] for m in c[:1]] + ["", "好"]
+    f.write_text("".join(json.dumps({"text": t, "label": i % 3}, ensure_ascii=False) + "\n"
+                         for i, t in enumerate(texts)), encoding="utf-8")
+    src = tokenized_labelled(tok, str(f))
+    for split in ("train", "val"):
+        examples = load_labelled(str(f), split, 0.3)
+        ds = ClassifyDataset.from_tokenized(src, src.select(split, 0.3), 8, tok.eos_id)
+        ref = [(tok.encode(t)[:8] or [tok.eos_id], y) for t, y in examples]
+        assert list(ds) == ref
+        assert list(ds.lengths) == [len(x) for x, _ in ref]
+        assert ds.byte_fragments(tok) == tok.count_byte_fragments(x for x, _ in ref)
+        assert list(ClassifyDataset(tok, examples, 8)) == ref
+    with pytest.raises(UserError, match=r"texts.jsonl:3: label 2 is out of range"):
+        tokenized_labelled(tok, str(f), num_labels=2)  # checked against the cached labels, named by line
+
+
+def test_second_load_reads_the_cache(chat_tokenizer, chats_file, monkeypatch):  # noqa: F811
+    first = tokenized_chats(chat_tokenizer, str(chats_file))
+    stamp = (first.directory / "meta.json").stat().st_mtime_ns
+
+    def no_build(*a, **k):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(sft_data, "_write_chats", no_build)
+    again = tokenized_chats(chat_tokenizer, str(chats_file))
+    assert again.directory == first.directory and (again.directory / "meta.json").stat().st_mtime_ns == stamp
+    assert isinstance(again.tokens, np.memmap)
+    assert again.directory.parent == chats_file.parent / "chats.jsonl.cache"  # next to the data
+
+
+def test_key_follows_data_and_tokenizer(chat_tokenizer, chats_file, tmp_path):  # noqa: F811
+    import sentencepiece as spm
+
+    from llm.tokenizer import Tokenizer
+
+    first = tokenized_chats(chat_tokenizer, str(chats_file)).directory
+    with open(chats_file, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"instruction": "新的问题", "output": "新的回答"}, ensure_ascii=False) + "\n")
+    changed = tokenized_chats(chat_tokenizer, str(chats_file))
+    assert changed.directory != first and len(changed) == 301
+    texts = [m["content"] for _, c in load_chats("builtin:chatterbot") for m in c if m["content"].isascii()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(tmp_path / "other"), vocab_size=600, model_type="bpe",
+        byte_fallback=True, user_defined_symbols=["<|im_start|>", "<|im_end|>"], minloglevel=2)
+    other = Tokenizer.from_file(tmp_path / "other.model")
+    assert tokenized_chats(other, str(chats_file)).directory not in (first, changed.directory)
+
+
+def test_interrupted_build_is_not_taken_as_complete(chat_tokenizer, chats_file):  # noqa: F811
+    src = tokenized_chats(chat_tokenizer, str(chats_file))
+    good = {k: np.array(v) for k, v in src.arrays.items()}
+    cache = src.directory
+    # a build killed after writing meta.json into its temporary directory, and a damaged final one
+    tmp = cache.with_name(cache.name + ".tmpdead")
+    tmp.mkdir()
+    (tmp / "meta.json").write_text((cache / "meta.json").read_text())
+    tokens = (cache / "tokens.bin").read_bytes()
+    (cache / "tokens.bin").write_bytes(tokens[: len(tokens) // 2])
+    again = tokenized_chats(chat_tokenizer, str(chats_file))
+    assert all(np.array_equal(again.arrays[k], v) for k, v in good.items())
+    assert not tmp.exists()
+
+
+def _build_in_child(tok_path, data, queue):
+    from llm.tokenizer import Tokenizer
+
+    built = []
+    write = sft_data._write_chats
+
+    def counting(*a, **k):
+        built.append(1)
+        return write(*a, **k)
+
+    sft_data._write_chats = counting
+    src = tokenized_chats(Tokenizer.from_file(tok_path), data)
+    queue.put((len(built), {k: np.array(v).tobytes() for k, v in src.arrays.items()}))
+
+
+def test_two_processes_build_once_and_agree(chat_tokenizer, chats_file):  # noqa: F811
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_build_in_child, args=(chat_tokenizer.path, str(chats_file), queue))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert sorted(n for n, _ in results) == [0, 1]  # one built, the other waited and loaded
+    assert results[0][1] == results[1][1]
+    ref = tokenized_chats(chat_tokenizer, str(chats_file))
+    assert results[0][1] == {k: np.array(v).tobytes() for k, v in ref.arrays.items()}
