@@ -57,7 +57,7 @@ EOF
   rm -rf "$WHEELS" && mv "$tmp" "$WHEELS"
   echo "$pins" > "$WHEELS/requirements.txt"
   ls "$WHEELS"
-  echo "wheels: $(ls "$WHEELS"/*.whl | wc -l) files, $(du -sh "$WHEELS" | cut -f1) in $WHEELS/ — carry it: [\"$WHEELS\"]"
+  echo "wheels: $(ls "$WHEELS"/*.whl | wc -l) files, $(du -sh "$WHEELS" | cut -f1) in $WHEELS/ (carry [\"$WHEELS\"])"
   exit 0
 fi
 
@@ -77,8 +77,8 @@ if [ "$MODE" = gpu ]; then
   # Install only what is missing; what the machine has (torch above all) is kept.
   if ! "$PY" -c "import deepspeed, jsonargparse, gguf, hjson, pydantic" >/dev/null 2>&1; then
     if [ ! -d "$WHEELS" ]; then
-      echo "bench/gpu.sh: deepspeed & co. are missing and there is no $WHEELS/ — run 'bash bench/gpu.sh --wheels' on a"
-      echo "machine with PyPI access and carry the folder ($WHEELS) with the call"
+      echo "bench/gpu.sh: deepspeed & co. are missing and there is no $WHEELS/ — build it where PyPI is"
+      echo "reachable ('bash bench/gpu.sh --wheels') and carry the folder ($WHEELS) with the call"
       exit 4
     fi
     reqs=$(tr ' ' '\n' < "$WHEELS/requirements.txt" | grep -E '^(deepspeed|jsonargparse|gguf)==' | tr '\n' ' ')

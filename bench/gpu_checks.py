@@ -204,7 +204,8 @@ def longlora_memory(sec) -> None:
     sec.put("setup", {"preset": preset, "context": T, "batch": 1, "dtype": str(dtype).removeprefix("torch."),
                       "rope_scaling": base.args.rope_scaling.to_dict(), "lora_r": 8,
                       "trainable_M": round(sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6, 2)})
-    for name, s2, ckpt in (("s2_attn", True, False), ("full_attention", False, False), ("s2_attn_checkpointing", True, True)):
+    variants = (("s2_attn", True, False), ("full_attention", False, False), ("s2_attn_checkpointing", True, True))
+    for name, s2, ckpt in variants:
         if sec.skip(name, 4):
             continue
         with sec.guard(name):

@@ -68,6 +68,14 @@ def _timed_steps(engine, loss_fn, batch, device, warmup: int, steps: int, repeat
     return statistics.median(times), float(loss)
 
 
+def _ratios(sec) -> None:
+    """Our tokens/s over transformers' at the same preset and ZeRO stage, for every row measured so far."""
+    rates = {(r["preset"], r["zero"], r["impl"]): r["tokens_per_s"] for r in sec.data.get("runs", [])}
+    sec.put("ratio_vs_transformers", {f"{p} zero{z} {impl}": round(tps / rates[p, z, "transformers"], 3)
+                                      for (p, z, impl), tps in rates.items()
+                                      if impl != "transformers" and (p, z, "transformers") in rates})
+
+
 def throughput(sec) -> None:
     from llm.config import ModelArgs
     from llm.trainer import init_distributed, lm_loss, memory_gb, peak_flops
@@ -76,7 +84,8 @@ def throughput(sec) -> None:
     if sec.dry:  # (preset, seq, micro batch); warmup, steps, repeats. bf16 steps are slow on these CPUs: fp32
         shapes, (warmup, steps, repeats), backend, precision = [("debug", 64, 2)], (1, 1, 1), "eager", "fp32"
     else:
-        shapes, (warmup, steps, repeats), backend, precision = [("125M", 1024, 16), ("350M", 2048, 8)], (3, 5, 3), None, "bf16"
+        shapes, (warmup, steps, repeats), backend = [("125M", 1024, 16), ("350M", 2048, 8)], (3, 5, 3), None
+        precision = "bf16"
     peak = peak_flops(device)
     sec.put("setup", {"precision": precision, "world": world, "device": str(device),
                       "peak_tflops": peak / 1e12 if peak else None, "timing": f"median of {repeats} x {steps} steps"})
@@ -112,6 +121,7 @@ def throughput(sec) -> None:
                              "step_ms": round(step_s * 1e3, 2), "peak_gb": round(peak_gb, 3), "loss": round(loss, 4),
                              "setup_s": round(time.perf_counter() - t0 - step_s * (warmup + steps * repeats), 1)})
             del engine, model
+            _ratios(sec)
         if not compiled:
             eager_s[preset] = max(eager_s.get(preset, 0.0), time.perf_counter() - t0)
         _free(device)
@@ -123,14 +133,6 @@ def throughput(sec) -> None:
     for stage in (0,) if sec.dry else (0, 2, 3):  # compiling costs tens of seconds each: after the eager figures
         for preset, seq, mb in shapes:
             item(preset, seq, mb, stage, "ours+compile")
-
-    rates = {(r["preset"], r["zero"], r["impl"]): r["tokens_per_s"] for r in sec.data.get("runs", [])}
-    ratios = {}
-    for (preset, stage, impl), tps in rates.items():
-        ref = rates.get((preset, stage, "transformers"))
-        if impl != "transformers" and ref:
-            ratios[f"{preset} zero{stage} {impl}"] = round(tps / ref, 3)
-    sec.put("ratio_vs_transformers", ratios)
 
 
 def markov_tokens(vocab: int, batch: int, length: int, seed: int = 0, fanout: int = 4) -> torch.Tensor:
