@@ -1,13 +1,15 @@
-"""Decoding speed: llm.generate (KV cache, gpt-fast style) vs transformers' `generate`, same weights and prompts.
+"""Decoding speed: llm.generate (static KV cache, compiled decode step, gpt-fast style) vs transformers' `generate`.
 
     python bench/generate.py [--model DIR | --preset cpu-demo] [--new_tokens 256] [--batch_sizes 1 8] [--repeats 3]
 
-Greedy, `--new_tokens` new tokens (no early stop), prompts of `--prompt_len` tokens, batch 1 and 8. Without
---model the weights are a random model of `--preset` (context 1024) saved as a HF directory (transformers loads
-the very same tensors); with --model, e.g. SmolLM2-135M converted from GGUF. Interleaved repeats, medians, tokens/s =
+Greedy, `--new_tokens` new tokens (no early stop), prompts of `--prompt_len` tokens. Without --model the weights
+are a random model of `--preset` (context 1024) saved as a HF directory (transformers loads the very same tensors);
+with --model, e.g. SmolLM2-135M converted from GGUF. Ours runs with the compiled one-token decode step (what
+`compile="auto"` picks from 4,096 decoded tokens on; compilation happens in the untimed warm-up and is reported
+apart) and eagerly; transformers at its defaults (dynamic cache, eager). Interleaved repeats, medians, tokens/s =
 batch x new tokens / wall time of the whole call (prefill included). Then ours with and without the KV cache
-(fewer tokens: uncached decoding is quadratic). Last line `ratio: X.XX` = ours over transformers' tokens/s,
-geometric mean over the batch sizes.
+(fewer tokens: uncached decoding is quadratic). Last line `ratio: X.XX` = ours (compiled) over transformers'
+tokens/s, geometric mean over the batch sizes.
 """
 from __future__ import annotations
 
@@ -64,30 +66,35 @@ def main():
         n = args.new_tokens
 
         def run_ours():
-            return generate(ours, prompts.tolist(), n)
+            return generate(ours, prompts.tolist(), n, compile=True)
+
+        def run_eager():
+            return generate(ours, prompts.tolist(), n, compile=False)
 
         def run_ref():
             with torch.no_grad():
                 return ref.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
                                     do_sample=False)[:, args.prompt_len:].tolist()
 
-        same = run_ours() == run_ref()  # also the warm-up
+        compile_s = timed(run_ours)  # the warm-up: compiles the decode step for this batch size
+        same = run_ours() == run_ref() == run_eager()
         if not same:
             print(f"note: batch {bs}: greedy outputs differ (a near-tie in float32 arithmetic)")
-        t_ours, t_ref = [], []
+        times = {"ours": [], "eager": [], "ref": []}
         for _ in range(args.repeats):
-            t_ours.append(timed(run_ours))
-            t_ref.append(timed(run_ref))
-        ours_tps, ref_tps = bs * n / statistics.median(t_ours), bs * n / statistics.median(t_ref)
-        ratios.append(ours_tps / ref_tps)
-        print(f"batch {bs}: ours {ours_tps:8.1f} tok/s   transformers {ref_tps:8.1f} tok/s   "
-              f"ratio {ours_tps / ref_tps:.2f}")
+            for name, fn in (("ours", run_ours), ("eager", run_eager), ("ref", run_ref)):
+                times[name].append(timed(fn))
+        tps = {k: bs * n / statistics.median(v) for k, v in times.items()}
+        ratios.append(tps["ours"] / tps["ref"])
+        print(f"batch {bs}: ours {tps['ours']:8.1f} tok/s (compiled; first call {compile_s:.1f} s)   ours eager "
+              f"{tps['eager']:8.1f} tok/s   transformers {tps['ref']:8.1f} tok/s   ratio {ratios[-1]:.2f} "
+              f"(eager {tps['eager'] / tps['ref']:.2f})")
 
     prompts = torch.randint(3, ours.args.vocab_size, (1, args.prompt_len), generator=g).tolist()
     n = args.uncached_tokens
     cached, uncached = [], []
     for _ in range(args.repeats):
-        cached.append(timed(lambda: generate(ours, prompts, n)))
+        cached.append(timed(lambda: generate(ours, prompts, n, compile=False)))
         uncached.append(timed(lambda: generate(ours, prompts, n, use_cache=False)))
     print(f"batch 1, {n} new tokens: cached {n / statistics.median(cached):.1f} tok/s, "
           f"uncached {n / statistics.median(uncached):.1f} tok/s "

@@ -2,18 +2,22 @@
 
 Both models get the same shape and initial weights, the same DeepSpeed engine config (ZeRO stage, precision,
 micro batch, clipping, torch AdamW) and the same batches; the loss is the same float32 cross entropy on the
-logits. Timed blocks of `steps` optimizer steps alternate between the two (`repeats` times) and the medians are
-compared. On a GPU it also prints MFU (model FLOPs per token x tokens/s over the GPU's dense bf16 peak) and peak
-memory.
+logits. Four engines: ours at our defaults (`train.compile` auto: every decoder block compiled, as a training run
+of minutes does), transformers at its defaults (eager), and for reference ours eager and transformers compiled
+(`torch.compile` of the whole model, what its Trainer's `torch_compile=True` does). Compilation happens in the
+untimed warm-up steps and is reported apart. Timed blocks of `steps` optimizer steps alternate between the engines
+(`repeats` times) and the medians are compared. On a GPU it also prints MFU (model FLOPs per token x tokens/s over
+the GPU's dense bf16 peak) and peak memory.
 
     python bench/train.py                                    # cpu-demo shape on CPU
     deepspeed --num_gpus 1 bench/train.py --preset 125M --micro_batch_size 16 --precision bf16
     python bench/train.py --preset 350M --seq_len 2048 --micro_batch_size 4 --ds_config zero3
 
-The last line is `ratio: X.XX` (our tokens/s over transformers', higher is better).
+The last line is `ratio: X.XX` (ours at our defaults over transformers at its defaults, tokens/s; higher is better).
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from typing import Literal, Optional
@@ -24,8 +28,8 @@ import torch.nn.functional as F
 from llm.cli import run_cli
 from llm.config import ModelArgs
 from llm.model import Transformer
-from llm.trainer import (TrainConfig, init_distributed, lm_loss, lr_scheduler, make_optimizer, memory_gb, peak_flops,
-                         preflight)
+from llm.trainer import (TrainConfig, compile_blocks, init_distributed, lm_loss, lr_scheduler, make_optimizer,
+                         memory_gb, peak_flops, preflight)
 
 
 def engine_for(model, cfg: TrainConfig, ds_config: dict):
@@ -76,8 +80,13 @@ def bench(preset: str = "cpu-demo", seq_len: Optional[int] = None, micro_batch_s
     if activation_checkpointing:
         ours.gradient_checkpointing = True
         hf.gradient_checkpointing_enable()
+    ours_eager, hf_compiled = copy.deepcopy(ours), copy.deepcopy(hf)
+    compile_blocks(ours)  # our default for a run this long (train.compile=auto)
+    hf_compiled.compile()
     engines = {"ours": (engine_for(ours, cfg, plan.ds_config), lm_loss),
-               "transformers": (engine_for(hf, cfg, plan.ds_config), hf_loss)}
+               "transformers": (engine_for(hf, cfg, plan.ds_config), hf_loss),
+               "ours (eager)": (engine_for(ours_eager, cfg, plan.ds_config), lm_loss),
+               "transformers (compiled)": (engine_for(hf_compiled, cfg, plan.ds_config), hf_loss)}
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (micro_batch_size, seq_len + 1), generator=g)
     batch = {"input_ids": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device)}
@@ -96,8 +105,11 @@ def bench(preset: str = "cpu-demo", seq_len: Optional[int] = None, micro_batch_s
             torch.cuda.synchronize()
         return micro_batch_size * seq_len * world * n / (clock() - t)
 
+    warmup_s = {}
     for name in engines:
+        t = time.perf_counter()
         run(name, warmup)
+        warmup_s[name] = time.perf_counter() - t
     rates = {name: [] for name in engines}
     for _ in range(repeats):
         for name in engines:
@@ -109,8 +121,11 @@ def bench(preset: str = "cpu-demo", seq_len: Optional[int] = None, micro_batch_s
           f"{torch.get_num_threads()} threads")
     for name, r in med.items():
         mfu = f", MFU {args.flops_per_token(seq_len) * r / (peak * world):.1%}" if peak else ""
-        print(f"{name:>12}: {r:,.0f} tokens/s (median of {repeats} x {steps} steps, {timer} time{mfu})")
-    print(f"peak memory (rank 0, both engines): {memory_gb(device):.2f} GB")
+        print(f"{name:>24}: {r:,.0f} tokens/s (median of {repeats} x {steps} steps, {timer} time{mfu}; "
+              f"{warmup} warm-up steps incl. compilation {warmup_s[name]:.1f} s)")
+    print(f"peak memory (rank 0, all engines): {memory_gb(device):.2f} GB")
+    print(f"both eager: {med['ours (eager)'] / med['transformers']:.2f}; both compiled: "
+          f"{med['ours'] / med['transformers (compiled)']:.2f}")
     ratio = med["ours"] / med["transformers"]
     print(f"ratio: {ratio:.2f}")
     return ratio

@@ -240,6 +240,11 @@ def preflight(cfg: TrainConfig, world_size: Optional[int] = None) -> Plan:
         if getattr(cfg, name) < 1:
             raise UserError(f"train.{name}={getattr(cfg, name)}: must be >= 1")
     precision = cfg.precision or ("fp32" if on_cpu() else "bf16")
+    if precision == "bf16" and not on_cpu() and not torch.cuda.is_bf16_supported():
+        if _is_main_process():
+            print(f"warning: this GPU ({torch.cuda.get_device_name()}) has no bf16 — training in fp16 with dynamic "
+                  "loss scaling instead (set train.precision to fp16 or fp32 to choose)")
+        precision = "fp16"
     if precision == "fp16" and on_cpu():
         raise UserError("train.precision=fp16 needs a GPU (DeepSpeed's loss scaler) — use bf16 or fp32 on CPU")
     ds, path = load_ds_config(cfg.ds_config)
@@ -257,6 +262,10 @@ def preflight(cfg: TrainConfig, world_size: Optional[int] = None) -> Plan:
         "tensorboard": {"enabled": True, "output_path": str(Path(cfg.run_dir) / "tensorboard"), "job_name": "train"},
     })
     return Plan(world_size, mb, accum, mb * accum * world_size, precision, stage, ds, path)
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def check_run_dir(cfg: TrainConfig):

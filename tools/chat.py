@@ -10,7 +10,7 @@ scripted. Prompts use the one chat template of llm/chat.py, the same ids SFT tra
 from __future__ import annotations
 
 import sys
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 
@@ -24,7 +24,7 @@ from llm.tokenizer import Tokenizer
 
 def chat(model: str, system: Optional[str] = None, max_new_tokens: int = 256, temperature: float = 0.7,
          top_k: Optional[int] = None, top_p: Optional[float] = 0.9, repetition_penalty: float = 1.1,
-         seed: Optional[int] = None, compile: bool = False, device: str = "cpu",
+         seed: Optional[int] = None, compile: Union[bool, Literal["auto"]] = "auto", device: str = "cpu",
          dtype: Literal["float32", "bfloat16", "float16"] = "float32"):
     """Interactive chat.
 
@@ -37,7 +37,7 @@ def chat(model: str, system: Optional[str] = None, max_new_tokens: int = 256, te
         top_p: nucleus sampling mass.
         repetition_penalty: > 1 discourages repeating tokens already in the conversation.
         seed: random seed (a fixed seed replays the same conversation).
-        compile: torch.compile the decode step (see tools/generate.py --help).
+        compile: torch.compile the decode step: true, false, or auto (see tools/generate.py --help).
         device: cpu or cuda.
         dtype: weight dtype.
     """
