@@ -35,12 +35,12 @@ from pathlib import Path
 # name: (module, function, GPU seconds, dry-run seconds). The GPU caps add up to 405 s; gpu.sh's install and each
 # process's start-up fit in the rest of the 8 minutes.
 SECTIONS = {
-    "train": ("gpu_train", "throughput", 180, 60),
+    "train": ("gpu_train", "throughput", 170, 60),
     "attention": ("gpu_checks", "attention", 25, 30),
     "bf16_parity": ("gpu_train", "bf16_parity", 30, 30),
-    "decode": ("gpu_checks", "decode", 45, 30),
-    "context": ("gpu_context", "context_extension", 110, 40),
-    "longlora_memory": ("gpu_checks", "longlora_memory", 15, 30),
+    "decode": ("gpu_checks", "decode", 55, 30),
+    "context": ("gpu_context", "context_extension", 105, 40),
+    "longlora_memory": ("gpu_checks", "longlora_memory", 20, 30),
 }
 GRACE_S = 20  # past its cap a section's process is killed (it stops itself at the cap when it can)
 

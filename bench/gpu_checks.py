@@ -136,7 +136,7 @@ def decode(sec) -> None:
     if sec.dry:
         args, new, prompt_len, repeats, dtype = ModelArgs.from_preset("debug"), 16, 8, 2, torch.float32
     else:
-        args, new, prompt_len, repeats, dtype = ModelArgs(**SMOLLM2_135M), 256, 32, 3, torch.bfloat16
+        args, new, prompt_len, repeats, dtype = ModelArgs(**SMOLLM2_135M), 200, 32, 3, torch.bfloat16
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_model(Transformer(args), f"{tmp}/model")
@@ -190,8 +190,8 @@ def longlora_memory(sec) -> None:
     from llm.sft import LoraOptions, add_lora
 
     dev = sec.device
-    preset, T, dtype = ("debug", 256, torch.float32) if sec.dry else ("125M", 8192, torch.bfloat16)
-    args = ModelArgs.from_preset(preset)
+    preset, T, dtype = ("debug", 128, torch.float32) if sec.dry else ("125M", 8192, torch.bfloat16)
+    args = ModelArgs.from_preset(preset, max_seq_len=T // 2) if sec.dry else ModelArgs.from_preset(preset)
     torch.manual_seed(0)
     base = Transformer(args).to(dev, dtype)
     extend_context(base, T / args.max_seq_len)

@@ -113,7 +113,7 @@ def context_extension(sec) -> None:
     dev = sec.device
     if sec.dry:
         shape = dict(dim=32, n_layers=2, n_heads=2, vocab_size=64, max_seq_len=64, multiple_of=16)
-        batch, ft_batch, trials, pre_steps, ft_steps = 4, 2, 8, 20, 3
+        batch, ft_batch, trials, pre_steps, ft_steps = 4, 2, 4, 10, 2
         pre_s, ft_s = 10, 5
     else:
         shape = dict(dim=256, n_layers=4, n_heads=8, vocab_size=2048, max_seq_len=512, multiple_of=64)
