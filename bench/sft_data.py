@@ -5,7 +5,8 @@
 Writes a chat jsonl of `--n` records (the built-in idiom and chitchat chats, repeated with numbered prompts, so
 every record is its own and the split differs from the built-ins'), then runs `build_data` in a fresh process,
 cold (no token cache: it tokenizes and writes one) and warm (the cache is there), and prints for each the seconds
-and the peak RSS (ru_maxrss) of that process, next to its RSS after the imports. Without `--tokenizer` it trains
+(wall, and CPU in the process and in its tokenizing workers: the machine may be shared) and the peak RSS
+(ru_maxrss) of that process and of its largest worker, next to its RSS after the imports. Without `--tokenizer` it trains
 the small BPE of tests/test_sft.py (2,048 pieces with the ChatML tokens).
 """
 from __future__ import annotations
@@ -55,13 +56,15 @@ def measure(data: str, tokenizer: str, seq_len: int) -> dict:
 
     tok = Tokenizer.from_file(tokenizer)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
     train_ds, val_ds, collate, _ = build_data(data, None, tok, None, seq_len, True, False, 0.05, None, 0,
                                               log=lambda *a: None)
     collate([train_ds[0], train_ds[len(train_ds) - 1]])  # the first batch is ready
     seconds = time.perf_counter() - t0
-    return {"seconds": round(seconds, 2), "rss_after_imports_mb": round(base),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(own.ru_utime + own.ru_stime - cpu0, 2),
+            "worker_cpu_seconds": round(kids.ru_utime + kids.ru_stime, 2), "rss_after_imports_mb": round(base),
+            "peak_rss_mb": round(own.ru_maxrss / 1024), "worker_peak_rss_mb": round(kids.ru_maxrss / 1024),
             "examples": train_ds.n_examples, "sequences": len(train_ds), "llm": str(Path(llm.__file__).parent)}
 
 
@@ -85,8 +88,9 @@ def main():
     tokenizer = args.tokenizer or str(work / "tokenizer.model")
     if not Path(tokenizer).is_file():
         train_tokenizer(work / "tokenizer")
-    shutil.rmtree(f"{data}.cache", ignore_errors=True)
     for run in args.runs:
+        if run == "cold":
+            shutil.rmtree(f"{data}.cache", ignore_errors=True)
         out = subprocess.run([sys.executable, __file__, "--child", str(data), tokenizer, str(args.seq_len)],
                              check=True, capture_output=True, text=True).stdout
         print(run, out.strip().splitlines()[-1])

@@ -29,11 +29,14 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
 import zlib
 from array import array
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -255,12 +258,14 @@ class _Writer:
         self.values = {k: array("q") for k in ("offsets",) + per_record}
         self.values["offsets"].append(0)
 
-    def add(self, flat: dict[str, Iterable], **values: int):
+    def add(self, flat: dict[str, np.ndarray], lengths: Iterable[int], **values: Iterable[int]):
+        """A batch of records: their per-token arrays concatenated, their lengths, and per-record values."""
         for k, v in flat.items():
             self.files[k].write(np.asarray(v, dtype=self.flat[k]).tobytes())
-        self.values["offsets"].append(self.values["offsets"][-1] + len(flat["tokens"]))
+        offsets = self.values["offsets"]
+        offsets.extend((offsets[-1] + np.cumsum(np.asarray(lengths, dtype=np.int64))).tolist())
         for k, v in values.items():
-            self.values[k].append(int(v))
+            self.values[k].extend(int(x) for x in v)
 
     def close(self, **meta):
         arrays = {}
@@ -298,6 +303,7 @@ def _build_once(cache: Path, build) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f"{cache.name}.tmp", dir=cache.parent))
         try:
             build(tmp)
+            os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would keep other users of shared data out
             os.replace(tmp, cache)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -363,43 +369,66 @@ def _token_dtype(tokenizer) -> type:
     return np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
 
 
-class _Recorder:
-    """Stands in for the tokenizer in `tokenize_chat`: notes the texts it would encode (answering []), or, given
-    their ids, answers them in order. So the encodes of a whole batch of chats (each chat's text and its assistant
-    prefixes) run in one parallel call, and the ids and labels are exactly `tokenize_chat`'s."""
-
-    def __init__(self, tokenizer, encoded: Optional[Iterable[list[int]]] = None):
-        self.path, self.token_to_id = getattr(tokenizer, "path", "tokenizer"), tokenizer.token_to_id
-        self.texts, self.encoded = [], None if encoded is None else iter(encoded)
-
-    def encode(self, text: str) -> list[int]:
-        if self.encoded is not None:
-            return next(self.encoded)
-        self.texts.append(text)
-        return []
+_POOL_TOKENIZER = None  # the tokenizer that forked worker processes inherit (set before the pool starts)
 
 
-def _tokenize_chats(tokenizer, chats: list[tuple[str, Chat]], threads: int) -> list[tuple[list[int], list[int]]]:
-    """[(ids, labels)] of `tokenize_chat` for [(where, chat)], with every encode in one `encode_batch` call."""
-    recorder = _Recorder(tokenizer)
+def _parallel(fn, jobs: Iterable[tuple[object, object]], tokenizer, workers: int) -> Iterator[tuple[object, object]]:
+    """(tag, fn(arg, tokenizer)) for each (tag, arg) of `jobs`, in order. With workers > 1 `fn` runs in forked
+    processes that inherit `tokenizer`; at most two jobs per worker are in flight, so a large source is read as it
+    is consumed and never sits in memory."""
+    global _POOL_TOKENIZER
+    if workers <= 1:
+        yield from ((tag, fn(arg, tokenizer)) for tag, arg in jobs)
+        return
+    _POOL_TOKENIZER = tokenizer
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            pending = deque()
+            for tag, arg in jobs:
+                pending.append((tag, pool.submit(fn, arg)))
+                if len(pending) >= 2 * workers:
+                    tag0, done = pending.popleft()
+                    yield tag0, done.result()
+            while pending:
+                tag0, done = pending.popleft()
+                yield tag0, done.result()
+    finally:
+        _POOL_TOKENIZER = None
+
+
+def _tokenize_chat_batch(chats: list[tuple[str, Chat]], tokenizer=None) -> dict[str, np.ndarray]:
+    """`tokenize_chat` of each (where, chat) as flat arrays: tokens, mask (1 = a label), and per chat its
+    length and first target (the first labelled position after 0: labels are shifted by one)."""
+    tokenizer = tokenizer or _POOL_TOKENIZER
+    ids, labels, lengths = [], [], []
     for where, chat in chats:
         try:
-            tokenize_chat(recorder, chat)
+            i, y = tokenize_chat(tokenizer, chat)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
-    replay = _Recorder(tokenizer, tokenizer.encode_batch(recorder.texts, num_threads=threads))
-    return [tokenize_chat(replay, chat) for _, chat in chats]
+        ids += i
+        labels += y
+        lengths.append(len(i))
+    mask = np.asarray(labels, dtype=np.int64) != IGNORE_INDEX
+    starts = np.cumsum([0] + lengths[:-1])
+    hits = np.flatnonzero(mask)
+    chat_of = np.searchsorted(starts, hits, side="right") - 1
+    at = hits - starts[chat_of]
+    chat_of, at = chat_of[at > 0], at[at > 0]
+    first = np.full(len(lengths), NO_TARGET, dtype=np.int64)
+    chats_hit, first_hit = np.unique(chat_of, return_index=True)  # hits are in order: each chat's first
+    first[chats_hit] = at[first_hit]
+    return {"tokens": np.asarray(ids, dtype=_token_dtype(tokenizer)), "mask": mask.astype(np.uint8),
+            "lengths": np.asarray(lengths, dtype=np.int64), "first_target": first}
 
 
-def _write_chats(tokenizer, records: Iterable[tuple[str, str, Chat, int, int]], out: Path, threads: int):
+def _write_chats(tokenizer, records: Iterable[tuple[str, str, Chat, int, int]], out: Path, workers: int):
     w = _Writer(out, {"tokens": _token_dtype(tokenizer), "mask": np.uint8}, ("first_target", "split", "line", "pos"))
-    for batch in _batches(records, 1024):
-        for (_, key, _, line, pos), (ids, labels) in zip(batch, _tokenize_chats(
-                tokenizer, [(where, chat) for where, _, chat, _, _ in batch], threads)):
-            mask = np.asarray(labels) != IGNORE_INDEX
-            hit = np.flatnonzero(mask[1:])  # the first target (labels shifted by one)
-            w.add({"tokens": ids, "mask": mask}, first_target=hit[0] + 1 if len(hit) else NO_TARGET,
-                  split=_split_hash(key), line=line, pos=pos)
+    jobs = ((batch, [(where, chat) for where, _, chat, _, _ in batch]) for batch in _batches(records, 512))
+    for batch, t in _parallel(_tokenize_chat_batch, jobs, tokenizer, workers):
+        w.add({"tokens": t["tokens"], "mask": t["mask"]}, t["lengths"], first_target=t["first_target"],
+              split=[_split_hash(key) for _, key, _, _, _ in batch], line=[r[3] for r in batch],
+              pos=[r[4] for r in batch])
     w.close(kind="chats", format=CACHE_FORMAT)
 
 
@@ -413,7 +442,7 @@ def tokenized_chats(tokenizer, source: str) -> TokenizedSource:
 
 
 def _fragments_in_spans(is_fragment: np.ndarray, tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
-                        chunk: int = 1 << 22) -> int:
+                        chunk: int = 1 << 20) -> int:
     """Σ is_fragment[tokens[s:s + n]] over the spans, reading `tokens` a chunk at a time with no Python loop over
     spans: with F(p) = fragments in tokens[:p], the sum is Σ F(end) - Σ F(start)."""
     points = np.concatenate([starts + lengths, starts])
@@ -443,7 +472,7 @@ class SFTDataset(Dataset):
     def __init__(self, tokenizer, chats: list[tuple[str, Chat]], seq_len: int, pack: bool = True,
                  truncate: bool = False):
         with tempfile.TemporaryDirectory() as d:
-            _write_chats(tokenizer, ((w, "", c, -1, -1) for w, c in chats), Path(d), _threads())
+            _write_chats(tokenizer, ((w, "", c, -1, -1) for w, c in chats), Path(d), workers=1)
             src = TokenizedSource(Path(d), "chats", in_memory=True)
         self._select(src, np.arange(len(src)), seq_len, pack, truncate)
 
@@ -590,9 +619,9 @@ def load_labelled(source: str, split: Optional[str] = "train", val_fraction: flo
 def _write_labelled(tokenizer, records: Iterable[tuple[str, int, int]], out: Path, threads: int):
     w = _Writer(out, {"tokens": _token_dtype(tokenizer)}, ("label", "split", "line"))
     for batch in _batches(records, 4096):
-        for (text, label, line), ids in zip(batch, tokenizer.encode_batch([t for t, _, _ in batch],
-                                                                          num_threads=threads)):
-            w.add({"tokens": ids}, label=label, split=_split_hash(text), line=line)
+        ids = tokenizer.encode_batch([t for t, _, _ in batch], num_threads=threads)
+        w.add({"tokens": np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64)}, [len(i) for i in ids],
+              label=[y for _, y, _ in batch], split=[_split_hash(t) for t, _, _ in batch], line=[r[2] for r in batch])
     w.close(kind="labelled", format=CACHE_FORMAT)
 
 

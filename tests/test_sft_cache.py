@@ -194,3 +194,19 @@ def test_two_processes_build_once_and_agree(chat_tokenizer, chats_file):  # noqa
     assert results[0][1] == results[1][1]
     ref = tokenized_chats(chat_tokenizer, str(chats_file))
     assert results[0][1] == {k: np.array(v).tobytes() for k, v in ref.arrays.items()}
+
+
+def test_config_errors_come_before_any_data_work(tmp_path, monkeypatch):
+    """preflight runs first: a bad schedule is reported without loading a model or reading (tokenizing) data."""
+    from llm import classify, sft
+    from llm.trainer import TrainConfig
+
+    def no_data(*a, **k):
+        raise AssertionError("data read before the config was checked")
+
+    monkeypatch.setattr(sft_data, "_cache_dir", no_data)
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"), max_steps=5, warmup_steps=10)
+    with pytest.raises(UserError, match="warmup_steps=10"):
+        sft.sft(str(tmp_path / "no-model"), str(tmp_path / "chats.jsonl"), cfg)
+    with pytest.raises(UserError, match="warmup_steps=10"):
+        classify.main(str(tmp_path / "no-model"), str(tmp_path / "texts.jsonl"), cfg)
