@@ -50,11 +50,16 @@ def _free(device):
         torch.cuda.reset_peak_memory_stats()
 
 
-def _timed_steps(engine, loss_fn, batch, device, warmup: int, steps: int, repeats: int) -> tuple[float, float]:
-    """(median seconds per optimizer step over `repeats` blocks of `steps`, last loss)."""
+def _timed_steps(engine, loss_fn, batch, device, warmup: int, steps: int,
+                 repeats: int) -> tuple[float, float, float]:
+    """(median seconds per optimizer step over `repeats` blocks of `steps`, last loss, seconds of the untimed
+    warm-up steps, compilation included)."""
+    t = time.perf_counter()
     for _ in range(warmup):
         engine.backward(loss_fn(engine, batch))
         engine.step()
+    _sync(device)
+    warm = time.perf_counter() - t
     times = []
     for _ in range(repeats):
         _sync(device)
@@ -65,7 +70,7 @@ def _timed_steps(engine, loss_fn, batch, device, warmup: int, steps: int, repeat
             engine.step()
         _sync(device)
         times.append((time.perf_counter() - t) / steps)
-    return statistics.median(times), float(loss)
+    return statistics.median(times), loss.item(), warm
 
 
 def _ratios(sec) -> None:
@@ -118,7 +123,8 @@ def throughput(sec) -> None:
             tokens = torch.randint(0, args.vocab_size, (mb, seq + 1), generator=g)
             batch = {"input_ids": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device)}
             loss_fn = hf_loss if impl == "transformers" else lm_loss
-            step_s, loss = _timed_steps(engine, loss_fn, batch, device, warmup, steps, repeats)
+            setup_s = time.perf_counter() - t0
+            step_s, loss, warm_s = _timed_steps(engine, loss_fn, batch, device, warmup, steps, repeats)
             tps = mb * seq * world / step_s
             peak_gb = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" \
                 else memory_gb(device)
@@ -126,7 +132,7 @@ def throughput(sec) -> None:
                              "zero": stage, "impl": impl, "tokens_per_s": round(tps, 1),
                              "mfu": round(args.flops_per_token(seq) * tps / (peak * world), 4) if peak else None,
                              "step_ms": round(step_s * 1e3, 2), "peak_gb": round(peak_gb, 3), "loss": round(loss, 4),
-                             "setup_s": round(time.perf_counter() - t0 - step_s * (warmup + steps * repeats), 1)})
+                             "setup_s": round(setup_s, 1), "warmup_s": round(warm_s, 1)})
             del engine, model
             _ratios(sec)
         if not compiled:
@@ -177,7 +183,7 @@ def bf16_parity(sec) -> None:
                 loss = lm_loss(engine, batch)
                 engine.backward(loss)
                 engine.step()
-                curve.append(float(loss))
+                curve.append(loss.item())
             losses[precision] = curve
             del engine
             _free(device)
