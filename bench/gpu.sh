@@ -11,7 +11,7 @@
 #    It installs what the machine lacks from wheels/ (pip --no-index), the repository itself (--no-deps), runs
 #    every section in its own process under its own time cap, and writes gpu.json, gpu.md and gpu.log to $OUT
 #    (out/gpu/ when OUT is unset). A section that fails records its error there and the next one runs.
-# 3. CPU rehearsal, tiny sizes, well under a minute (tests/test_gpu_bench.py, CI):
+# 3. CPU rehearsal, tiny sizes, every section (~40 s of CPU time; tests/test_gpu_bench.py, so CI catches rot):
 #        bash bench/gpu.sh --dry-run
 # Other arguments go to bench/gpu.py (e.g. --only train,decode). PYTHON=... picks the interpreter.
 set -uo pipefail
@@ -23,7 +23,7 @@ for a in "$@"; do
   case "$a" in
     --dry-run) MODE=dry ;;
     --wheels) MODE=wheels ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) ARGS+=("$a") ;;
   esac
 done
