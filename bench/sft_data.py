@@ -6,8 +6,8 @@ Writes a chat jsonl of `--n` records (the built-in idiom and chitchat chats, rep
 every record is its own and the split differs from the built-ins'), then runs `build_data` in a fresh process,
 cold (no token cache: it tokenizes and writes one) and warm (the cache is there), and prints for each the seconds
 (wall, and CPU in the process and in its tokenizing workers: the machine may be shared) and the peak RSS
-(ru_maxrss) of that process and of its largest worker, next to its RSS after the imports. Without `--tokenizer` it trains
-the small BPE of tests/test_sft.py (2,048 pieces with the ChatML tokens).
+(ru_maxrss) of that process and of its largest worker, next to its RSS after the imports. Without `--tokenizer` it
+trains the small BPE of tests/test_sft.py (2,048 pieces with the ChatML tokens).
 """
 from __future__ import annotations
 

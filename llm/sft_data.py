@@ -12,14 +12,15 @@ Packing (as in the "packing with position ids" recipe of Hugging Face's DataColl
 LongLoRA's SFT code): greedy in order; each example restarts its rotary positions at 0 and the attention mask is
 block-diagonal causal, so a packed sequence gives every example exactly the loss it has alone.
 
-Token cache: a source is tokenized once, every record (both splits), in batches with the tokenizer's own threads,
-into flat arrays (token ids, the label mask, per-record offsets, split hash, jsonl line) in `<file>.cache/<key>/`
-next to a jsonl file, or `$LLM_CACHE/sft/builtin-<name>/<key>/` (default `~/.cache/llm`) for built-ins and data in
-a read-only directory. The key hashes the data file's path, size and mtime (a built-in's package files), the
-tokenizer file, the chat template and CACHE_FORMAT. One process builds under a file lock, into a temporary
-directory renamed into place when complete; every other process (rank) waits, then memory-maps the arrays, and
-the datasets slice examples out of them per item. The held-out split, truncation and packing are applied on
-loading, so one cache serves any seq_len and val_fraction.
+Token cache: a source is tokenized once, every record (both splits), in batches (chats by forked worker
+processes, one per CPU; labelled texts by the tokenizer's own threads), into flat arrays (token ids, label mask,
+per-record offsets, split hash, jsonl line) in `<file>.cache/<key>/` next to a jsonl file, or
+`$LLM_CACHE/sft/builtin-<name>/<key>/` (default `~/.cache/llm`) for built-ins and data in a read-only directory.
+The key hashes the data file's path, size and mtime (a built-in's package files), the tokenizer file, the chat
+template and CACHE_FORMAT. One process builds under a file lock, into a temporary directory renamed into place
+when complete; every other process (rank) waits, then memory-maps the arrays, and the datasets slice examples out
+of them per item. The held-out split, truncation and packing are applied on loading, so one cache serves any
+seq_len and val_fraction.
 """
 from __future__ import annotations
 
@@ -208,7 +209,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("LLM_CACHE") or Path.home() / ".cache" / "llm")
 
 
-def _threads() -> int:
+def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -223,8 +224,9 @@ def _cache_dir(tokenizer, source: str, kind: str) -> Path:
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
         pkg = _package_dir(BUILTIN_PACKAGES[name])
+        files = [f for f in pkg.rglob("*") if f.is_file() and "__pycache__" not in f.parts]
         data = {"builtin": name, "files": sorted((str(f.relative_to(pkg)), f.stat().st_size, f.stat().st_mtime_ns)
-                                                 for f in pkg.rglob("*") if f.is_file() and "__pycache__" not in f.parts)}
+                                                 for f in files)}
         root = cache_root() / "sft" / f"builtin-{name}"
     else:
         path = Path(source)
@@ -437,7 +439,7 @@ def tokenized_chats(tokenizer, source: str) -> TokenizedSource:
     if source.startswith("builtin:") and source.removeprefix("builtin:") not in CHAT_BUILTINS:
         raise UserError(f"{source}: unknown built-in chat data; choose builtin:{', builtin:'.join(CHAT_BUILTINS)}")
     cache = _cache_dir(tokenizer, source, "chats")
-    _build_once(cache, lambda tmp: _write_chats(tokenizer, _iter_chats(source), tmp, _threads()))
+    _build_once(cache, lambda tmp: _write_chats(tokenizer, _iter_chats(source), tmp, _cpus()))
     return TokenizedSource(cache, source)
 
 
@@ -631,7 +633,7 @@ def tokenized_labelled(tokenizer, source: str, num_labels: Optional[int] = None)
     if source.startswith("builtin:") and source != "builtin:sentiment":
         raise UserError(f"{source}: unknown built-in classification data; use builtin:sentiment")
     cache = _cache_dir(tokenizer, source, "labelled")
-    _build_once(cache, lambda tmp: _write_labelled(tokenizer, _iter_labelled(source), tmp, _threads()))
+    _build_once(cache, lambda tmp: _write_labelled(tokenizer, _iter_labelled(source), tmp, _cpus()))
     src = TokenizedSource(cache, source)
     if num_labels is not None and len(bad := np.flatnonzero(src.arrays["label"] >= num_labels)):
         raise _label_error(src.where(int(bad[0])), int(src.arrays["label"][bad[0]]), num_labels)
@@ -644,7 +646,7 @@ class ClassifyDataset(Dataset):
 
     def __init__(self, tokenizer, examples: list[tuple[str, int]], seq_len: int):
         with tempfile.TemporaryDirectory() as d:
-            _write_labelled(tokenizer, ((t, y, -1) for t, y in examples), Path(d), _threads())
+            _write_labelled(tokenizer, ((t, y, -1) for t, y in examples), Path(d), _cpus())
             src = TokenizedSource(Path(d), "texts", in_memory=True)
         self._select(src, np.arange(len(src)), seq_len, tokenizer.eos_id)
 

@@ -27,7 +27,7 @@ def chats_file(tmp_path):
     """300 chats: single and multi-turn, some longer than 64 tokens, in both record formats."""
     chats = [c for _, c in load_chats("builtin:chatterbot", None)[:150]]
     chats += [c for _, c in load_chats("builtin:idioms", None)[:120]]
-    chats += [[{"role": "user", "content": f"{i} 说说"}, {"role": "assistant", "content": "很长的回答。" * (5 * i)}]
+    chats += [[{"role": "user", "content": f"{i} 说说"}, {"role": "assistant", "content": "长回答。" * 7 * i}]
               for i in range(30)]
     f = tmp_path / "chats.jsonl"
     with open(f, "w", encoding="utf-8") as out:
