@@ -220,7 +220,7 @@ def _encode_task(task: list[tuple]) -> tuple:
         salt = _WORKER["seed"].to_bytes(16, "little")
         u = [int.from_bytes(hashlib.blake2b(h, digest_size=8, salt=salt).digest(), "little") for h in digests]
         is_val = np.array(u, dtype=np.float64) < _WORKER["val_fraction"] * 2.0**64
-    n_byte = tok.count_byte_fragments([ids])[0]
+    n_byte = int(np.count_nonzero(tok.is_byte_fragment[ids]))  # as count_byte_fragments, without an int64 copy
     return ids, lens, nbytes, hashes, is_val, sum(c[4] for c in task), n_byte
 
 
@@ -331,7 +331,8 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
         max_shard_tokens: shard size bound in tokens (100M tokens = 200 MB as uint16).
         workers: tokenizing processes; 0 = one per CPU core.
         chunk_mb: MB of raw text per task handed to a worker; default: a sixteenth of the input per worker,
-            between 0.25 and 4 MB (small inputs still spread over all workers).
+            between 0.25 and 1 MB (small inputs still spread over all workers; a MB of task costs a worker ~40 MB
+            at peak).
         overwrite: rebuild even if OUT already holds a complete build of the same inputs.
     """
     from tqdm import tqdm
@@ -390,7 +391,7 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
         seen: set[int] = set()
         dropped = 0
         if chunk_mb is None:
-            chunk_mb = min(4.0, max(0.25, (total or 2**22) / 2**20 / (16 * workers)))
+            chunk_mb = min(1.0, max(0.25, (total or 2**22) / 2**20 / (16 * workers)))
         tasks = _tasks(files, txt_docs, int(chunk_mb * 2**20))
         if workers == 1:
             _init_worker(str(tok_path), cfg)
