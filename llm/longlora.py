@@ -41,8 +41,8 @@ def _grouped_causal(x_q, x_k, x_v, group: int, front: int) -> torch.Tensor:
     mask = causal.expand(n, group, group).clone()
     # In the first group the `front` padding slots form their own block: real tokens must not attend to them,
     # and the padding queries attend only among themselves (so no row is empty, which would give NaN).
-    same_side = (i[:, None] < front) == (i[None, :] < front)
-    mask[0] &= same_side
+    pad = i < front
+    mask[0] &= ~(pad[:, None] ^ pad[None, :])  # same side of the padding boundary (xor: inductor-friendly)
     y = F.scaled_dot_product_attention(fold(x_q), fold(x_k), fold(x_v), attn_mask=mask)  # (B, h, n, g, D)
     return y.reshape(B, h, n * group, D)[:, :, front:front + T]
 

@@ -42,3 +42,46 @@ def test_gpu_without_bf16_trains_in_fp16(monkeypatch, tmp_path, capsys):
     assert plan.precision == "fp16" and plan.ds_config["fp16"]["enabled"] and not plan.ds_config["bf16"]["enabled"]
     out = [line for line in capsys.readouterr().out.splitlines() if "warning:" in line]  # not DeepSpeed's logs
     assert len(out) == 1 and out[0].startswith("warning: this GPU (Tesla V100-SXM2-16GB) has no bf16")
+
+
+def _loss_and_grads(model, x, loss):
+    model.zero_grad()
+    value = loss(model, x)
+    value.backward()
+    return value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_compiled_blocks_equal_eager_under_longlora_and_the_classifier():
+    """compile_blocks (train.compile) inside a peft LoRA wrapper with S²-Attn and YaRN (LongLoRA), and inside the
+    classifier: loss and every trained gradient equal eager within float tolerance."""
+    import copy
+
+    from llm.classify import Classifier, classify_loss
+    from llm.longlora import enable_s2_attn, extend_context, longlora_trainable
+    from llm.sft import LoraOptions, add_lora
+    from llm.trainer import compile_blocks, lm_loss
+
+    torch.manual_seed(0)
+    base = Transformer(ModelArgs.from_preset("debug"))
+    extend_context(base, 2.0)
+    lora = add_lora(base, LoraOptions(r=4, alpha=8, dropout=0.0))
+    for name, p in lora.named_parameters():
+        p.requires_grad_(longlora_trainable(name))
+    enable_s2_attn(lora.get_base_model(), 0.25)
+    for p in lora.parameters():  # LoRA's B starts at zero: give the adapters a real effect
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    tokens = torch.randint(0, 512, (2, 65))
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    clf = Classifier(Transformer(ModelArgs.from_preset("debug")), num_labels=3)
+    cbatch = {"input_ids": tokens[:, :-1], "lengths": torch.tensor([64, 40]), "labels": torch.tensor([0, 2])}
+    for model, loss, b in ((lora, lm_loss, batch), (clf, classify_loss, cbatch)):
+        model.train()
+        eager = _loss_and_grads(model, b, lambda m, x: loss(m, x))
+        compiled_model = copy.deepcopy(model)
+        assert compile_blocks(compiled_model) == 2
+        compiled = _loss_and_grads(compiled_model, b, lambda m, x: loss(m, x))
+        torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+        assert compiled[1].keys() == eager[1].keys() and len(eager[1]) > 2
+        for n in eager[1]:
+            torch.testing.assert_close(compiled[1][n], eager[1][n], rtol=1e-4, atol=1e-6, msg=n)
