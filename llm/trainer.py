@@ -69,8 +69,8 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro batches accumulated per optimizer step (ignored when global_batch_size is set)."""
     global_batch_size: Optional[int] = None
-    """Sequences per optimizer step over all ranks; must be a multiple of world size x micro_batch_size, and
-    grad_accum is derived from it."""
+    """Sequences per optimizer step over all ranks, the same on any number of ranks: grad_accum is derived from it,
+    and micro_batch_size lowered to the largest value where world size x micro batch divides it (one log line)."""
     lr: float = 1e-3
     """Peak learning rate (after warmup)."""
     min_lr: float = 1e-4
@@ -214,18 +214,48 @@ def load_ds_config(name: str) -> tuple[dict, Path]:
 
 
 def preflight(cfg: TrainConfig, world_size: Optional[int] = None) -> Plan:
-    """Check everything that can be checked before any compute; one clear UserError per problem."""
-    world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    """Check everything that can be checked before any compute; one clear UserError per problem. Every rank
+    checks the same settings: rank 0 raises the UserError (printed once by the CLI), the others exit 2 quietly."""
+    try:
+        return _plan(cfg, world_size or int(os.environ.get("WORLD_SIZE", "1")))
+    except UserError:
+        if _is_main_process():
+            raise
+        raise SystemExit(2) from None
+
+
+def batch_shape(global_batch: int, micro: int, world_size: int) -> tuple[int, int]:
+    """(micro batch, accumulation) giving `global_batch` sequences per step on `world_size` ranks: the configured
+    micro batch when world x micro divides the global batch, else the largest micro batch below it that does."""
+    if global_batch < world_size or global_batch % world_size:
+        raise UserError(f"train.global_batch_size={global_batch} cannot be split evenly over {world_size} ranks — "
+                        f"set it to a multiple of the world size (e.g. {max(1, global_batch // world_size) * world_size}"
+                        f" or {(global_batch // world_size + 1) * world_size})")
+    per_rank = global_batch // world_size
+    micro = max(m for m in range(1, min(micro, per_rank) + 1) if per_rank % m == 0)
+    return micro, per_rank // micro
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(msg: str):
+    """Print on rank 0, once per process: preflight runs in the entry point and again in train()."""
+    if _is_main_process() and msg not in _SAID:
+        _SAID.add(msg)
+        print(msg)
+
+
+def _plan(cfg: TrainConfig, world_size: int) -> Plan:
     mb = cfg.micro_batch_size
     if mb < 1 or cfg.grad_accum < 1:
         raise UserError(f"train.micro_batch_size={mb}, train.grad_accum={cfg.grad_accum}: both must be >= 1")
-    if cfg.global_batch_size is not None:
-        per_step = world_size * mb
-        if cfg.global_batch_size < per_step or cfg.global_batch_size % per_step:
-            raise UserError(f"train.global_batch_size={cfg.global_batch_size} is not a multiple of world size "
-                            f"{world_size} x micro_batch_size {mb} = {per_step} — set it to a multiple of "
-                            f"{per_step} (e.g. {max(1, round(cfg.global_batch_size / per_step)) * per_step})")
-        accum = cfg.global_batch_size // per_step
+    if cfg.global_batch_size is not None:  # the config fixes the global batch: micro batch and accumulation follow
+        mb, accum = batch_shape(cfg.global_batch_size, mb, world_size)
+        if mb != cfg.micro_batch_size:
+            _say_once(f"train.global_batch_size={cfg.global_batch_size} on {world_size} rank(s): micro batch "
+                      f"{cfg.micro_batch_size} -> {mb} (the largest that divides it), grad_accum {accum} "
+                      f"({mb} x {accum} x {world_size} = {cfg.global_batch_size})")
     else:
         accum = cfg.grad_accum
     if cfg.max_steps < 1:
@@ -241,8 +271,7 @@ def preflight(cfg: TrainConfig, world_size: Optional[int] = None) -> Plan:
             raise UserError(f"train.{name}={getattr(cfg, name)}: must be >= 1")
     precision = cfg.precision or ("fp32" if on_cpu() else "bf16")
     if precision == "bf16" and not on_cpu() and not torch.cuda.is_bf16_supported():
-        if _is_main_process():
-            print(f"warning: this GPU ({torch.cuda.get_device_name()}) has no bf16 — training in fp16 with dynamic "
+        _say_once(f"warning: this GPU ({torch.cuda.get_device_name()}) has no bf16 — training in fp16 with dynamic "
                   "loss scaling instead (set train.precision to fp16 or fp32 to choose)")
         precision = "fp16"
     if precision == "fp16" and on_cpu():

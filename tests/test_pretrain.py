@@ -384,8 +384,6 @@ def test_bad_inputs_fail_in_one_line(capsys, data_dir, tmp_path, monkeypatch):
     err = fails(capsys)  # no arguments at all, no data/demo here
     assert "data/demo/meta.json: not found" in err
     assert "`python tools/train_tokenizer.py` then `python tools/prepare_data.py`" in err
-    assert "global_batch_size=10 is not a multiple of world size 1 x micro_batch_size 4" in fails(
-        capsys, *d, "--train.global_batch_size", 10)
     assert "tokenized with a 1500-token vocabulary but the model has vocab_size=1000" in fails(
         capsys, *d, "--model.vocab_size", 1000)
     assert "unknown field(s) dimm" in fails(capsys, *d, "--model.dimm", 3)
@@ -464,3 +462,76 @@ def test_configs_parse():
         text = f.read_text()
         assert '"auto"' not in text
         json.loads(text)
+
+
+def shipped_train_configs(tmp_path) -> dict[str, TrainConfig]:
+    """The `train:` section of every YAML in configs/ (and of pretrain's defaults), parsed by its own CLI."""
+    import contextlib
+    import io
+
+    import yaml
+    from jsonargparse import CLI
+
+    from llm import classify, sft
+
+    cases = {"pretrain defaults": (pretrain, [])}
+    cases |= {f"pretrain/{f.name}": (pretrain, ["--config", str(f)])
+              for f in sorted((ROOT / "configs" / "pretrain").glob("*.yaml"))}
+    cases |= {f"sft/{f.name}": (classify.main if "classify" in f.name else sft.main, ["--config", str(f)])
+              for f in sorted((ROOT / "configs" / "sft").glob("*.yaml"))}
+    out = {}
+    for name, (fn, argv) in cases.items():
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+            CLI(fn, args=[*argv, "--print_config"], as_positional=False)
+        train = yaml.safe_load(buf.getvalue())["train"]
+        out[name] = TrainConfig(**{**train, "betas": tuple(train["betas"]), "run_dir": str(tmp_path / "run")})
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_every_shipped_config_passes_preflight(world, tmp_path, monkeypatch):
+    """Every config in configs/ runs on 1, 2, 4 and 8 ranks: a fixed global batch stays what the config says, the
+    micro batch is the largest divisor not above the configured one; without one, micro batch x ranks."""
+    from llm.trainer import preflight
+
+    monkeypatch.delenv("RANK", raising=False)
+    configs = shipped_train_configs(tmp_path)
+    assert len(configs) >= 12
+    for name, cfg in configs.items():
+        plan = preflight(cfg, world_size=world)
+        assert plan.world_size == world and plan.micro_batch_size <= cfg.micro_batch_size, name
+        assert plan.micro_batch_size * plan.grad_accum * world == plan.global_batch_size, name
+        assert plan.ds_config["train_batch_size"] == plan.global_batch_size, name
+        if cfg.global_batch_size is not None:
+            assert plan.global_batch_size == cfg.global_batch_size, name
+            per_rank = cfg.global_batch_size // world
+            assert not any(per_rank % m == 0 for m in range(plan.micro_batch_size + 1, cfg.micro_batch_size + 1))
+        else:
+            assert plan.micro_batch_size == cfg.micro_batch_size and plan.grad_accum == cfg.grad_accum, name
+
+
+def test_global_batch_derives_micro_batch_once_and_impossible_one_fails_on_rank_0(tmp_path, monkeypatch, capsys):
+    import llm.trainer
+    from llm.trainer import batch_shape, preflight
+
+    assert batch_shape(64, 32, 4) == (16, 1) and batch_shape(64, 32, 1) == (32, 2) and batch_shape(16, 8, 8) == (2, 1)
+    assert batch_shape(10, 4, 1) == (2, 5) and batch_shape(24, 16, 2) == (12, 1) and batch_shape(256, 16, 8) == (16, 2)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(llm.trainer, "_SAID", set())
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"), micro_batch_size=32, global_batch_size=64)
+    for _ in range(2):  # the entry point and train() both run preflight: one line
+        plan = preflight(cfg, world_size=4)
+    assert (plan.micro_batch_size, plan.grad_accum, plan.global_batch_size) == (16, 1, 64)
+    assert capsys.readouterr().out.splitlines() == [
+        "train.global_batch_size=64 on 4 rank(s): micro batch 32 -> 16 (the largest that divides it), grad_accum 1 "
+        "(16 x 1 x 4 = 64)"]
+    for g in (4, 12):  # fewer sequences than ranks; not a multiple of the ranks
+        cfg = TrainConfig(run_dir=str(tmp_path / "run"), micro_batch_size=8, global_batch_size=g)
+        with pytest.raises(UserError, match=f"global_batch_size={g} cannot be split evenly over 8 ranks"):
+            preflight(cfg, world_size=8)
+        monkeypatch.setenv("RANK", "1")  # the other ranks exit quietly: the message is printed once
+        with pytest.raises(SystemExit) as e:
+            preflight(cfg, world_size=8)
+        assert e.value.code == 2 and capsys.readouterr() == ("", "")
+        monkeypatch.setenv("RANK", "0")
