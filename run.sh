@@ -7,15 +7,17 @@
 #   bash run.sh --only eval           # one stage
 #   bash run.sh --config 25M --gpus 4 # a GPU-sized model on 4 GPUs (configs/pretrain/<config>.yaml)
 #   bash run.sh --out /tmp/demo       # put data/ and runs/ under another directory
+#   bash run.sh --print-plan          # print the GPUs, config and launch command it would use, run nothing
+#   CUDA_VISIBLE_DEVICES=1,3 bash run.sh   # only GPUs 1 and 3
 set -euo pipefail
 cd "$(dirname "$0")"
 
 STAGES=(setup tokenizer data pretrain eval sft quantize eval_quant gguf summary)
 usage() {
-  echo "usage: bash run.sh [--from STAGE] [--only STAGE] [--config NAME] [--out DIR] [--gpus N]"
+  echo "usage: bash run.sh [--from STAGE] [--only STAGE] [--config NAME] [--out DIR] [--gpus N] [--print-plan]"
   echo "stages: ${STAGES[*]}"
 }
-FROM=""; ONLY=""; CONFIG=""; OUT="."; GPUS=""
+FROM=""; ONLY=""; CONFIG=""; OUT="."; GPUS=""; PLAN=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --from) FROM=$2; shift 2 ;;
@@ -23,6 +25,7 @@ while [ $# -gt 0 ]; do
     --config) CONFIG=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --gpus) GPUS=$2; shift 2 ;;
+    --print-plan) PLAN=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "error: unknown argument $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -31,8 +34,29 @@ for s in "$FROM" "$ONLY"; do
   if [ -n "$s" ] && [[ ! " ${STAGES[*]} " =~ " $s " ]]; then echo "error: unknown stage '$s'" >&2; usage >&2; exit 2; fi
 done
 
-# GPUs: all visible ones unless --gpus says otherwise; none → the cpu-demo model in one process.
-if [ -z "$GPUS" ]; then
+# GPUs: the ones CUDA_VISIBLE_DEVICES names when it is set, else all that nvidia-smi lists; --gpus N takes the
+# first N. None → the cpu-demo model in one process. DeepSpeed's launcher drops CUDA_VISIBLE_DEVICES whenever
+# --num_gpus is given, so chosen GPUs are passed as --include localhost:<ids> (ids as nvidia-smi numbers them).
+[ -z "$GPUS" ] || [[ $GPUS =~ ^[0-9]+$ ]] || { echo "error: --gpus $GPUS: expected a number" >&2; exit 2; }
+IDS=()
+if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+  IFS=, read -ra entries <<< "$CUDA_VISIBLE_DEVICES"
+  for id in "${entries[@]}"; do
+    id=${id// /}
+    if [[ $id =~ ^[0-9]+$ ]]; then IDS+=("$id")
+    elif [[ $id =~ ^- ]]; then break  # CUDA stops at the first invalid index ("-1" hides every GPU)
+    else
+      echo "error: CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: '$id' is not a GPU index — DeepSpeed's launcher needs" \
+        "indices as nvidia-smi -L numbers them (e.g. CUDA_VISIBLE_DEVICES=1,3)" >&2
+      exit 2
+    fi
+  done
+  if [ -n "$GPUS" ]; then
+    [ "$GPUS" -le "${#IDS[@]}" ] || { echo "error: --gpus $GPUS but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES names ${#IDS[@]}" >&2; exit 2; }
+    IDS=("${IDS[@]:0:$GPUS}")
+  fi
+  GPUS=${#IDS[@]}
+elif [ -z "$GPUS" ]; then
   GPUS=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
 fi
 if [ -z "$CONFIG" ]; then
@@ -48,9 +72,17 @@ TIMES=$RUNS/pipeline-times.tsv
 VOCAB=$([ "$CONFIG" = cpu-demo ] && echo 4096 || echo 8000)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} TOKENIZERS_PARALLELISM=false
 
-launch() {  # a training entry point: deepspeed over all GPUs, or one plain process on a CPU
-  if [ "$GPUS" -gt 0 ]; then .venv/bin/deepspeed --num_gpus "$GPUS" "$@"; else "$PY" "$@"; fi
-}
+if [ "$GPUS" -eq 0 ]; then LAUNCH=("$PY")
+elif [ ${#IDS[@]} -gt 0 ]; then LAUNCH=(env -u CUDA_VISIBLE_DEVICES .venv/bin/deepspeed --include "localhost:$(IFS=,; echo "${IDS[*]}")")
+else LAUNCH=(.venv/bin/deepspeed --num_gpus "$GPUS"); fi
+launch() { "${LAUNCH[@]}" "$@"; }  # a training entry point: deepspeed over the GPUs, or one plain process on a CPU
+if [ -n "$PLAN" ]; then
+  echo "gpus: $GPUS${CUDA_VISIBLE_DEVICES+ (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES)}"
+  echo "config: configs/pretrain/$CONFIG.yaml"
+  echo "launch: ${LAUNCH[*]}"
+  echo "OMP_NUM_THREADS: $OMP_NUM_THREADS"
+  exit 0
+fi
 
 stage_setup()     { bash tools/setup_env.sh; }
 stage_tokenizer() { [ -f "$TOK" ] || "$PY" tools/train_tokenizer.py --out "$TOK" --vocab_size "$VOCAB"; }

@@ -1,0 +1,53 @@
+"""What a 1-8 GPU user hits first, checked on a CPU machine: run.sh's choice of GPUs (CUDA_VISIBLE_DEVICES
+honoured), tools/setup_env.sh's pinned CUDA torch, the startup check that refuses a CPU fallback when GPUs are
+visible, and the precision decisions made for GPUs (grad accumulation dtype, TF32, fp16 loss-scale skips).
+A fake `nvidia-smi` on PATH stands in for the driver."""
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_nvidia_smi(bin_dir: Path, n: int = 4, cuda: str = "12.8") -> Path:
+    """An `nvidia-smi` that lists `n` H100s (-L) and reports driver CUDA version `cuda` (no arguments)."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    gpus = "".join(f'echo "GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-0000000{i})"\n' for i in range(n))
+    (bin_dir / "nvidia-smi").write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "-L" ]; then\n{gpus}exit 0\nfi\n'
+        f'echo "| NVIDIA-SMI 570.86.15    Driver Version: 570.86.15    CUDA Version: {cuda}     |"\n')
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return bin_dir
+
+
+def run_sh(tmp_path, *args, **env) -> subprocess.CompletedProcess:
+    """`bash run.sh --print-plan ARGS` with the fake driver first on PATH."""
+    e = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")}
+    e |= {"PATH": f"{fake_nvidia_smi(tmp_path / 'bin')}:{os.environ['PATH']}", **env}
+    return subprocess.run(["bash", str(ROOT / "run.sh"), "--print-plan", *args], env=e, capture_output=True,
+                          text=True, timeout=60)
+
+
+def plan(tmp_path, *args, **env) -> dict[str, str]:
+    """The `key: value` lines of run.sh's plan."""
+    r = run_sh(tmp_path, *args, **env)
+    assert r.returncode == 0, r.stderr
+    return dict(line.split(": ", 1) for line in r.stdout.splitlines())
+
+
+def test_run_sh_honours_cuda_visible_devices(tmp_path):
+    p = plan(tmp_path, CUDA_VISIBLE_DEVICES="1,3")
+    assert p["gpus"].startswith("2 ") and p["config"] == "configs/pretrain/25M.yaml"
+    assert p["launch"] == "env -u CUDA_VISIBLE_DEVICES .venv/bin/deepspeed --include localhost:1,3"
+    p = plan(tmp_path, "--gpus", "1", CUDA_VISIBLE_DEVICES="1,3")
+    assert p["gpus"].startswith("1 ") and p["launch"].endswith("--include localhost:1")
+    p = plan(tmp_path)  # no CUDA_VISIBLE_DEVICES: all that nvidia-smi lists
+    assert p["gpus"] == "4" and p["launch"] == ".venv/bin/deepspeed --num_gpus 4"
+    p = plan(tmp_path, CUDA_VISIBLE_DEVICES="")  # set but empty: no GPU
+    assert p["gpus"].startswith("0 ") and p["config"] == "configs/pretrain/cpu-demo.yaml"
+    assert p["launch"] == ".venv/bin/python"
+    r = run_sh(tmp_path, CUDA_VISIBLE_DEVICES="GPU-00000001")  # UUIDs: the launcher's --include needs indices
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "'GPU-00000001' is not a GPU index" in r.stderr
