@@ -51,3 +51,30 @@ def test_run_sh_honours_cuda_visible_devices(tmp_path):
     assert p["launch"] == ".venv/bin/python"
     r = run_sh(tmp_path, CUDA_VISIBLE_DEVICES="GPU-00000001")  # UUIDs: the launcher's --include needs indices
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "'GPU-00000001' is not a GPU index" in r.stderr
+
+
+def setup_torch(tmp_path, cuda, **env) -> subprocess.CompletedProcess:
+    """`bash tools/setup_env.sh --print-torch` with a driver reporting CUDA `cuda` (None: nvidia-smi fails)."""
+    bin_dir = fake_nvidia_smi(tmp_path / "bin", cuda=cuda or "")
+    if cuda is None:
+        (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    e = {k: v for k, v in os.environ.items() if k not in ("TORCH_SPEC", "TORCH_INDEX")}
+    e |= {"PATH": f"{bin_dir}:{os.environ['PATH']}", **env}
+    return subprocess.run(["bash", str(ROOT / "tools" / "setup_env.sh"), "--print-torch"], env=e,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_setup_env_pins_the_cuda_torch_the_driver_runs(tmp_path):
+    want = {None: "torch: torch==2.13.0",  # no working driver: the CPU build, as before
+            "12.8": "torch: torch==2.13.0 from https://download.pytorch.org/whl/cu128",
+            "12.9": "torch: torch==2.13.0 from https://download.pytorch.org/whl/cu128",
+            "12.10": "torch: torch==2.13.0 from https://download.pytorch.org/whl/cu128",
+            "13.1": "torch: torch==2.13.0 from https://download.pytorch.org/whl/cu130",
+            "12.6": "torch: torch==2.13.0 from https://download.pytorch.org/whl/cu126"}
+    for cuda, line in want.items():
+        r = setup_torch(tmp_path, cuda)
+        assert (r.returncode, r.stdout.strip()) == (0, line), (cuda, r.stderr)
+    r = setup_torch(tmp_path, "12.4")  # too old a driver for every build: one line, before anything is installed
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "supports CUDA 12.4" in r.stderr
+    r = setup_torch(tmp_path, "12.4", TORCH_SPEC="torch==2.6.0", TORCH_INDEX="https://download.pytorch.org/whl/cu124")
+    assert r.stdout.strip() == "torch: torch==2.6.0 from https://download.pytorch.org/whl/cu124"
