@@ -27,6 +27,7 @@ import resource
 import shutil
 import signal
 import socket
+import subprocess
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -362,12 +363,42 @@ def compile_blocks(model: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- distributed
+def visible_gpus() -> int:
+    """NVIDIA GPUs this process is meant to use: those `nvidia-smi -L` lists, none when CUDA_VISIBLE_DEVICES hides
+    them all ("" or "-1"). (DeepSpeed's launcher sets CUDA_VISIBLE_DEVICES on CPU ranks too: alone it proves
+    nothing.)"""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip()
+    if hidden == "" or hidden.startswith("-"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return torch.cuda.device_count()
+    return max(sum(line.startswith("GPU ") for line in out.splitlines()), torch.cuda.device_count())
+
+
+def check_accelerator():
+    """Refuse to train on the CPU by accident: GPUs are visible but DeepSpeed chose the CPU (a CPU-only torch, or
+    a CUDA build the driver cannot run). LLM_ALLOW_CPU=1 trains on the CPU deliberately. One line per node."""
+    if not on_cpu() or os.environ.get("LLM_ALLOW_CPU") == "1" or (n := visible_gpus()) == 0:
+        return
+    build = ("is a CPU-only build" if torch.version.cuda is None else
+             f"is built for CUDA {torch.version.cuda}, which this driver cannot run (torch.cuda.is_available() is "
+             "False)")
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        raise SystemExit(2)  # every rank of a node finds the same: its local rank 0 says it
+    raise UserError(f"{n} NVIDIA GPU(s) visible (nvidia-smi -L) but torch {torch.__version__} {build}, so DeepSpeed "
+                    "would train on the CPU — install the CUDA torch for this driver (bash tools/setup_env.sh), or "
+                    "set LLM_ALLOW_CPU=1 to train on the CPU deliberately")
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device); gloo on CPU, the accelerator's backend (nccl) otherwise. A plain `python`
-    start (no launcher) becomes a world of one."""
+    start (no launcher) becomes a world of one. Stops first when GPUs are visible but unusable (check_accelerator)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    check_accelerator()
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -571,6 +602,20 @@ def peak_flops(device: torch.device) -> Optional[float]:
     return next((tf * 1e12 for key, tf in GPU_PEAK_TFLOPS if key in name), None)
 
 
+def device_label(device: torch.device) -> str:
+    """cpu, or cuda with the GPU's name (what MFU's peak and the kernels depend on)."""
+    return f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+
+
+def attention_kernel(device: torch.device, precision: str) -> str:
+    """The attention the model's training forward takes here: flash-attn's when it is importable on CUDA in 16-bit
+    (llm.model.flash_ok), else torch's scaled_dot_product_attention."""
+    import llm.model
+
+    half = precision in ("bf16", "fp16")
+    return "flash-attn" if llm.model.flash_attn_func is not None and device.type == "cuda" and half else "sdpa"
+
+
 def memory_gb(device: torch.device) -> float:
     """Peak memory of this rank: allocated on the GPU, or the process's peak RSS on CPU."""
     if device.type == "cuda":
@@ -738,8 +783,9 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, collate: Optiona
     peak = peak_flops(device)
 
     metrics = Metrics(run_dir, engine.monitor, state.step if resume_meta else None) if is_main else None
-    log(f"training {n_trainable / 1e6:.2f}M parameters on {world} rank(s) ({device.type}), ZeRO-{plan.zero_stage} "
-        f"({plan.ds_config_path.name}), {plan.precision}, micro batch {plan.micro_batch_size} x accum "
+    log(f"training {n_trainable / 1e6:.2f}M parameters on {world} rank(s) ({device_label(device)}), ZeRO-"
+        f"{plan.zero_stage} ({plan.ds_config_path.name}), {plan.precision}, attention "
+        f"{attention_kernel(device, plan.precision)}, micro batch {plan.micro_batch_size} x accum "
         f"{plan.grad_accum} x {world} ranks = {plan.global_batch_size} sequences/step, "
         f"{plan.global_batch_size * seq_len:,} tokens/step")
     from tqdm import tqdm

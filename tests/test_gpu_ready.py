@@ -78,3 +78,47 @@ def test_setup_env_pins_the_cuda_torch_the_driver_runs(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "supports CUDA 12.4" in r.stderr
     r = setup_torch(tmp_path, "12.4", TORCH_SPEC="torch==2.6.0", TORCH_INDEX="https://download.pytorch.org/whl/cu124")
     assert r.stdout.strip() == "torch: torch==2.6.0 from https://download.pytorch.org/whl/cu124"
+
+
+def test_visible_gpus_with_a_cpu_torch_stop_the_run_in_one_line(tmp_path, monkeypatch):
+    """GPUs visible (nvidia-smi lists them, CUDA_VISIBLE_DEVICES=0) and this CPU-only torch: DeepSpeed would pick the
+    CPU, so init_distributed stops before joining any process group; LLM_ALLOW_CPU=1 lets it go on."""
+    import torch
+
+    from llm.cli import UserError
+    from llm.trainer import check_accelerator, init_distributed, on_cpu, visible_gpus
+
+    assert on_cpu() and torch.version.cuda is None  # this machine: the CPU wheel
+    monkeypatch.setenv("PATH", f"{fake_nvidia_smi(tmp_path / 'bin', n=2)}:{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.delenv("LLM_ALLOW_CPU", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert visible_gpus() == 2
+    with pytest.raises(UserError) as e:
+        init_distributed()
+    msg = str(e.value)
+    assert "2 NVIDIA GPU(s) visible (nvidia-smi -L) but torch" in msg and "is a CPU-only build" in msg
+    assert "bash tools/setup_env.sh" in msg and "LLM_ALLOW_CPU=1" in msg and "\n" not in msg
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the node's other ranks exit quietly
+    with pytest.raises(SystemExit) as e:
+        check_accelerator()
+    assert e.value.code == 2
+    monkeypatch.setenv("LLM_ALLOW_CPU", "1")
+    check_accelerator()  # deliberate: no error
+    monkeypatch.delenv("LLM_ALLOW_CPU")
+    for hidden in ("", "-1"):  # every GPU hidden on purpose: the CPU is what the user asked for
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert visible_gpus() == 0
+        check_accelerator()
+
+
+def test_startup_line_names_device_precision_attention_and_world(monkeypatch):
+    import torch
+
+    import llm.model
+    from llm.trainer import attention_kernel, device_label
+
+    assert device_label(torch.device("cpu")) == "cpu" and attention_kernel(torch.device("cpu"), "bf16") == "sdpa"
+    monkeypatch.setattr(llm.model, "flash_attn_func", lambda *a, **k: None)  # as if flash-attn were installed
+    assert attention_kernel(torch.device("cuda", 0), "bf16") == "flash-attn"
+    assert attention_kernel(torch.device("cuda", 0), "fp32") == "sdpa"  # flash-attn takes 16-bit only
