@@ -291,6 +291,11 @@ def _plan(cfg: TrainConfig, world_size: int) -> Plan:
         "fp16": {"loss_scale": 0, "initial_scale_power": 16, **ds.get("fp16", {}), "enabled": precision == "fp16"},
         "tensorboard": {"enabled": True, "output_path": str(Path(cfg.run_dir) / "tensorboard"), "job_name": "train"},
     })
+    if precision == "bf16" and accum > 1 and stage in (1, 2):
+        # Sum the micro batches' gradients in fp32, not bf16 (8 mantissa bits lose small gradients). DeepSpeed 0.19
+        # honours this under ZeRO-2 (fp32 accumulation buffers) and ZeRO-1 (its BF16_Optimizer); ZeRO-0 rejects
+        # the mix and ZeRO-3 ignores it.
+        ds["data_types"] = {**ds.get("data_types", {}), "grad_accum_dtype": "fp32"}
     return Plan(world_size, mb, accum, mb * accum * world_size, precision, stage, ds, path)
 
 
@@ -718,6 +723,8 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, collate: Optiona
     rank, world, device = init_distributed()
     if world != plan.world_size:
         plan = preflight(cfg, world)
+    if device.type == "cuda" and plan.precision == "fp32":  # fp32 runs take TF32 tensor cores (Ampere and newer)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     run_dir = Path(cfg.run_dir)
     ckpt_root = run_dir / "checkpoints"
     is_main = rank == 0
@@ -827,10 +834,14 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, collate: Optiona
                 window_loss += step_loss / plan.grad_accum
                 window_steps += 1
             else:
-                bad_streak += 1
                 state.skipped_steps += 1
-                log(f"step {state.step}: non-finite loss or gradient (loss {step_loss.item() / plan.grad_accum:.4g}) "
-                    f"— update skipped ({bad_streak} in a row)")
+                mean = step_loss.item() / plan.grad_accum
+                if is_bad_step(plan.precision, mean):
+                    bad_streak += 1
+                    log(f"step {state.step}: non-finite loss or gradient (loss {mean:.4g}) — update skipped "
+                        f"({bad_streak} in a row)")
+                else:
+                    log(f"step {state.step}: fp16 gradient overflow — update skipped, loss scale lowered")
             window_tokens += step_tokens * world
             bar.update(1)
 
@@ -902,6 +913,14 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, collate: Optiona
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def is_bad_step(precision: str, loss: float) -> bool:
+    """Whether a skipped update counts toward train.max_bad_steps. fp16's dynamic loss scaler skips every step
+    whose scaled gradients overflow, and halves the scale: many at the start while the scale settles, a few
+    later. Those are normal and count only when the loss itself is non-finite; in bf16/fp32 a skip is always
+    a non-finite loss or gradient."""
+    return precision != "fp16" or not math.isfinite(loss)
 
 
 def _skip_if_nonfinite(engine) -> torch.Tensor:

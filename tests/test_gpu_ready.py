@@ -122,3 +122,20 @@ def test_startup_line_names_device_precision_attention_and_world(monkeypatch):
     monkeypatch.setattr(llm.model, "flash_attn_func", lambda *a, **k: None)  # as if flash-attn were installed
     assert attention_kernel(torch.device("cuda", 0), "bf16") == "flash-attn"
     assert attention_kernel(torch.device("cuda", 0), "fp32") == "sdpa"  # flash-attn takes 16-bit only
+
+
+def test_precision_decisions_for_gpus(tmp_path, monkeypatch):
+    """bf16 with accumulation sums gradients in fp32 where DeepSpeed supports it (ZeRO-1/2); fp16's loss-scale
+    overflow skips do not count toward max_bad_steps unless the loss itself is non-finite."""
+    from llm.trainer import TrainConfig, is_bad_step, preflight
+
+    monkeypatch.delenv("RANK", raising=False)
+    for stage, accum, want in ((1, 2, "fp32"), (2, 4, "fp32"), (1, 1, None), (0, 2, None), (3, 2, None)):
+        cfg = TrainConfig(run_dir=str(tmp_path / "r"), ds_config=f"zero{stage}", precision="bf16", micro_batch_size=2,
+                          grad_accum=accum)
+        assert preflight(cfg, world_size=2).ds_config.get("data_types", {}).get("grad_accum_dtype") == want
+    cfg = TrainConfig(run_dir=str(tmp_path / "r"), ds_config="zero2", precision="fp32", grad_accum=4)
+    assert "data_types" not in preflight(cfg, world_size=2).ds_config
+    assert not is_bad_step("fp16", 10.3)  # the scaler's overflow skip: normal while the scale settles
+    assert is_bad_step("fp16", float("nan")) and is_bad_step("fp16", float("inf"))
+    assert is_bad_step("bf16", 10.3) and is_bad_step("fp32", 10.3)  # there a skip means a non-finite gradient
