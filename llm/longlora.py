@@ -12,64 +12,57 @@ installed on `Attention.train_attn_fn`, which `llm.model` only calls in training
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 import torch
-import torch.nn.functional as F
 
 from llm.cli import UserError
 from llm.config import RopeScaling
-from llm.model import Transformer
+from llm.model import Transformer, repeat_kv, sdpa
 
 
-def _grouped_causal(x_q, x_k, x_v, group: int, front: int) -> torch.Tensor:
-    """Causal attention within groups of `group` tokens whose boundaries sit at front, front+group, ...
+def _causal_runs(q, k, v, group: int, first: int) -> torch.Tensor:
+    """Causal attention within runs of tokens [0, first), [first, first + group), [first + 2*group, ...), ...;
+    the last run may be shorter (`first` = 0: no first run).
 
-    x_*: (B, h, T, D). The sequence is padded with `front` slots before it and up to a multiple of `group` after
-    it, viewed as (B, h, n_groups, group, D) and attended group by group (cost T*group instead of T²).
-    Returns (B, h, T, D).
+    q: (B, T, h, D), k/v: (B, T, h_kv, D) -> (B, T, h, D). The whole runs are folded into the batch,
+    (B * n, group, h, D), and every run is plain causal attention (`is_causal`, no mask), so any fused kernel
+    takes it; they are views of the input when the runs tile it (first = 0, T divisible by group).
     """
-    B, h, T, D = x_q.shape
-    n = -(-(T + front) // group)
-    back = n * group - T - front
+    B, T, h, D = q.shape
+    n = (T - first) // group
+    edges = [0, first, first + n * group, T]
 
-    def fold(x):
-        return F.pad(x, (0, 0, front, back)).view(B, h, n, group, D)
+    def attend(a: int, b: int, batch: int) -> torch.Tensor:  # runs of (b - a) / batch tokens, (B, b - a, h, D)
+        qs, ks, vs = (x[:, a:b].reshape(B * batch, (b - a) // batch, x.shape[2], D).transpose(1, 2) for x in (q, k, v))
+        return sdpa(qs, ks, vs, is_causal=True).transpose(1, 2).reshape(B, b - a, h, D)
 
-    i = torch.arange(group, device=x_q.device)
-    causal = i[None, :] <= i[:, None]  # (g, g)
-    mask = causal.expand(n, group, group).clone()
-    # In the first group the `front` padding slots form their own block: real tokens must not attend to them,
-    # and the padding queries attend only among themselves (so no row is empty, which would give NaN).
-    pad = i < front
-    mask[0] &= ~(pad[:, None] ^ pad[None, :])  # same side of the padding boundary (xor: inductor-friendly)
-    y = F.scaled_dot_product_attention(fold(x_q), fold(x_k), fold(x_v), attn_mask=mask)  # (B, h, n, g, D)
-    return y.reshape(B, h, n * group, D)[:, :, front:front + T]
+    parts = [attend(a, b, n if i == 1 else 1) for i, (a, b) in enumerate(zip(edges, edges[1:])) if b > a]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size_ratio: float = 0.25) -> torch.Tensor:
     """Shifted sparse attention. q: (B, H, T, D), k/v: (B, n_kv, T, D) -> (B, H, T, D).
 
-    Heads [0, H/2) attend within groups [0, g), [g, 2g), ...; heads [H/2, H) within groups shifted by g/2:
-    [0, g/2), [g/2, 3g/2), ... With a single group (g >= T) there is nothing to shift across: plain causal
-    attention.
+    Heads [0, H/2) attend causally within groups [0, g), [g, 2g), ...; heads [H/2, H) within groups shifted by
+    g/2: [0, g - g/2), [g - g/2, 2g - g/2), ... (the shift's front padding of the reference forms its own block,
+    so the first shifted group is just the first g - g/2 tokens). The last group of either half may be shorter.
+    With a single group (g >= T) there is nothing to shift across: plain causal attention.
     """
     B, H, T, D = q.shape
     group = max(2, int(T * group_size_ratio))
     if group >= T:
-        return F.scaled_dot_product_attention(q, *_repeat_kv(k, v, H), is_causal=True)
-    k, v = _repeat_kv(k, v, H)
-    half = H // 2
-    plain = _grouped_causal(q[:, :half], k[:, :half], v[:, :half], group, front=0)
-    shifted = _grouped_causal(q[:, half:], k[:, half:], v[:, half:], group, front=group // 2)
-    return torch.cat([plain, shifted], dim=1)
-
-
-def _repeat_kv(k, v, n_heads: int):
-    rep = n_heads // k.shape[1]
-    if rep == 1:
-        return k, v
-    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return sdpa(q, k, v, is_causal=True)
+    half, rep = H // 2, H // k.shape[1]
+    # The halves split the K/V heads too; where a K/V head serves query heads of both halves (an odd n_kv, as in
+    # MQA), each is repeated just enough for the split to fall between K/V heads.
+    k, v = repeat_kv(k, v, rep // math.gcd(half, rep))
+    kv_half = half * k.shape[1] // H
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, heads, D): views in the model
+    plain = _causal_runs(q[:, :, :half], k[:, :, :kv_half], v[:, :, :kv_half], group, first=0)
+    shifted = _causal_runs(q[:, :, half:], k[:, :, kv_half:], v[:, :, kv_half:], group, first=group - group // 2)
+    return torch.cat([plain, shifted], dim=2).transpose(1, 2)
 
 
 def enable_s2_attn(model: Transformer, group_size_ratio: float = 0.25) -> None:

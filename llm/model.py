@@ -1,7 +1,7 @@
 """The LLaMA-2 decoder in plain PyTorch (after gpt-fast and nanoGPT), with Hugging Face Llama parameter names.
 
-RMSNorm, SwiGLU MLP, grouped-query attention through `scaled_dot_product_attention` (flash-attn's kernel when
-it is importable on CUDA), rotary embeddings in the `rotate_half` layout with linear / dynamic-NTK / YaRN
+RMSNorm, SwiGLU MLP, grouped-query attention through `scaled_dot_product_attention` (flash-attn's kernels when
+it is importable on CUDA, including its variable-length kernel for packed documents), rotary embeddings in the `rotate_half` layout with linear / dynamic-NTK / YaRN
 scaling computed exactly as transformers' `modeling_rope_utils` does (YaRN: Peng et al. 2023, arXiv 2309.00071),
 and a KV cache written by position. No deepspeed / peft / transformers import here.
 """
@@ -17,10 +17,15 @@ from torch.utils.checkpoint import checkpoint
 
 from llm.config import ModelArgs
 
-try:  # optional CUDA kernel; SDPA is the default everywhere
-    from flash_attn import flash_attn_func
+try:  # optional CUDA kernels; SDPA is the default everywhere
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
 except Exception:  # noqa: BLE001 - any import failure (missing, wrong CUDA) means "not available"
-    flash_attn_func = None
+    flash_attn_func = flash_attn_varlen_func = None
+
+# SDPA attends grouped K/V itself since torch 2.5 (enable_gqa): CUDA's flash and memory-efficient kernels and the
+# CPU flash kernel take n_kv < H heads. ROCm's memory-efficient kernel does not (a masked call would fall back to the
+# math path), nor does torch 2.4: there K/V are repeated to every head.
+NATIVE_GQA = torch.version.hip is None and tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
@@ -116,12 +121,45 @@ class KVCache(nn.Module):
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def repeat_kv(k: torch.Tensor, v: torch.Tensor, rep: int, dim: int = 1):
+    """k/v with every head repeated `rep` times along `dim` (head j -> heads j*rep ... j*rep + rep-1)."""
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, dim=dim), v.repeat_interleave(rep, dim=dim)
+
+
 def sdpa(q, k, v, mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-    """Grouped-query SDPA. q: (B, H, T, D), k/v: (B, n_kv, S, D), mask: bool broadcastable to (B, H, T, S)."""
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+    """Grouped-query SDPA. q: (B, H, T, D), k/v: (B, n_kv, S, D), mask: bool broadcastable to (B, H, T, S).
+
+    Query head h reads K/V head h // (H / n_kv), passed to the kernel as they are (enable_gqa) where NATIVE_GQA."""
+    gqa = k.shape[1] != q.shape[1]
+    if gqa and not NATIVE_GQA:
+        k, v = repeat_kv(k, v, q.shape[1] // k.shape[1])
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+                                          **({"enable_gqa": True} if gqa else {}))
+
+
+def flash_ok(x: torch.Tensor) -> bool:
+    """Whether flash-attn's kernels can take activations like x (CUDA, fp16/bf16), given that it is importable."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def document_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) document index per token -> bool (B, 1, T, T): causal within a document, nothing across documents."""
+    i = torch.arange(segments.shape[1], device=segments.device)
+    return ((segments[:, :, None] == segments[:, None, :]) & (i[None, :] <= i[:, None]))[:, None]
+
+
+def document_offsets(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) document index per token -> cu_seqlens (n_docs + 1,) int32 for flash-attn's variable-length kernel:
+    where each run of equal indices starts in the flattened (B*T) tokens, then B*T. Every row starts a run. Its
+    length depends on the data, so this reads the device once (nonzero) — in hidden_states, outside the blocks."""
+    B, T = segments.shape
+    start = torch.ones_like(segments, dtype=torch.bool)
+    start[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    starts = start.flatten().nonzero().flatten()
+    return F.pad(starts, (0, 1), value=B * T).to(torch.int32)
 
 
 class Attention(nn.Module):
@@ -137,15 +175,23 @@ class Attention(nn.Module):
         # Training-time replacement of causal attention (LongLoRA's shifted sparse attention), set from outside.
         self.train_attn_fn: Optional[AttnFn] = None
 
-    def forward(self, x, cos, sin, input_pos=None, mask=None):
+    def forward(self, x, cos, sin, input_pos=None, mask=None, cu_seqlens=None):
+        """x: (B, T, dim). mask: bool (B, 1, T, S) or None. cu_seqlens: flash-attn's document offsets over the
+        flattened (B*T) tokens (see Transformer.hidden_states), for causal attention within each document."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, T, H, D)
 
-        if self.kv_cache is None and mask is None and flash_attn_func is not None and q.is_cuda \
-                and q.dtype in (torch.float16, torch.bfloat16) and self.train_attn_fn is None:
+        if cu_seqlens is not None:  # packed documents; T bounds the longest one (no length read off the device)
+            y = flash_attn_varlen_func(q.reshape(B * T, self.n_heads, self.head_dim),
+                                       k.reshape(B * T, self.n_kv_heads, self.head_dim),
+                                       v.reshape(B * T, self.n_kv_heads, self.head_dim),
+                                       cu_seqlens, cu_seqlens, T, T, causal=True)  # (B*T, H, D)
+            return self.o_proj(y.reshape(B, T, -1))
+        if self.kv_cache is None and mask is None and flash_attn_func is not None and flash_ok(q) \
+                and self.train_attn_fn is None:
             y = flash_attn_func(q, k, v, causal=True)  # (B, T, H, D), GQA handled by the kernel
             return self.o_proj(y.reshape(B, T, -1))
 
@@ -183,8 +229,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, input_pos=None, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
+    def forward(self, x, cos, sin, input_pos=None, mask=None, cu_seqlens=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, cu_seqlens)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -275,15 +321,28 @@ class Transformer(nn.Module):
         tokens: (B, T). input_pos: (T,) cache slots when decoding with a cache. position_ids: (B, T) rotary positions
         (default: input_pos, or 0..T-1) — per-example positions for packed or left-padded batches; they must lie
         below T (below the cache's size when decoding).
-        mask: bool (B, 1, T, S), True = may attend; it must include causality when given without a cache.
+        mask: bool (B, 1, T, S), True = may attend; it must include causality when given without a cache. Or, for
+        packed documents without a cache, an integer (B, T) document index per token (llm.sft_data.SFTCollator's,
+        padding -1; one run of equal indices per document): each token attends causally within its document. That
+        runs flash-attn's
+        variable-length kernel where it can (importable, CUDA, fp16/bf16), and is otherwise the same
+        `document_mask` (B, 1, T, T), built here on the device rather than shipped from the host.
         """
         cos, sin = self._rope(tokens.shape[1], input_pos, position_ids)
         x = self.model.embed_tokens(tokens)
+        cu_seqlens = None
+        if mask is not None and mask.dim() == 2 and not (mask.dtype == torch.bool or mask.is_floating_point()):
+            if input_pos is not None:
+                raise ValueError("document indices (B, T) are for a forward without a KV cache; pass a bool mask")
+            if flash_attn_varlen_func is not None and flash_ok(x):
+                mask, cu_seqlens = None, document_offsets(mask)
+            else:
+                mask = document_mask(mask)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, input_pos, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, input_pos, mask, cu_seqlens, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, input_pos, mask)
+                x = layer(x, cos, sin, input_pos, mask, cu_seqlens)
         return self.model.norm(x)
 
     def forward(self, tokens: torch.Tensor, input_pos: Optional[torch.Tensor] = None,

@@ -1,8 +1,9 @@
-"""LongLoRA: S²-Attn against full attention and a naive shift-and-group reference; RoPE extension; which
-parameters LongLoRA trains."""
+"""LongLoRA: S²-Attn against full attention, a naive shift-and-group reference and the earlier 5-D masked
+implementation; RoPE extension; which parameters LongLoRA trains."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llm import ModelArgs, Transformer
 from llm.cli import UserError
@@ -24,10 +25,72 @@ def naive_s2_attention(q, k, v, group: int):
     return torch.stack(out, dim=1)
 
 
-def qkv(T, H=4, n_kv=2, D=8, seed=0):
+def s2_attention_5d(q, k, v, group_size_ratio: float = 0.25):
+    """The implementation before the 4-D rewrite (commit ff8693f), kept as a reference: K/V repeated to every
+    head, each half padded (the shifted one with g/2 slots in front), viewed as (B, h, n_groups, g, D) and attended
+    under an explicit (n, g, g) mask in which the front padding forms its own block."""
+    B, H, T, D = q.shape
+    group = max(2, int(T * group_size_ratio))
+    rep = H // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if group >= T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def grouped_causal(x_q, x_k, x_v, front):
+        h = x_q.shape[1]
+        n = -(-(T + front) // group)
+        back = n * group - T - front
+
+        def fold(x):
+            return F.pad(x, (0, 0, front, back)).view(B, h, n, group, D)
+
+        i = torch.arange(group)
+        mask = (i[None, :] <= i[:, None]).expand(n, group, group).clone()
+        pad = i < front
+        mask[0] &= ~(pad[:, None] ^ pad[None, :])
+        y = F.scaled_dot_product_attention(fold(x_q), fold(x_k), fold(x_v), attn_mask=mask)
+        return y.reshape(B, h, n * group, D)[:, :, front:front + T]
+
+    half = H // 2
+    return torch.cat([grouped_causal(q[:, :half], k[:, :half], v[:, :half], 0),
+                      grouped_causal(q[:, half:], k[:, half:], v[:, half:], group // 2)], dim=1)
+
+
+def qkv(T, H=4, n_kv=2, D=8, seed=0, B=2, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, H, T, D, generator=g), torch.randn(2, n_kv, T, D, generator=g),
-            torch.randn(2, n_kv, T, D, generator=g))
+    return tuple(torch.randn(B, h, T, D, generator=g).to(dtype) for h in (H, n_kv, n_kv))
+
+
+def fwd_bwd(fn, q, k, v, *args):
+    """fn's output and the gradients of q, k, v under a fixed random upstream gradient."""
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    y = fn(q, k, v, *args)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype))
+    return y.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("T,ratio", [(32, 0.25), (33, 0.25), (20, 0.25), (21, 0.25), (24, 0.5), (30, 0.2),
+                                     (31, 0.1), (64, 0.125), (10, 0.3)])
+@pytest.mark.parametrize("H,n_kv", [(4, 4), (4, 2), (8, 2), (4, 1), (6, 3), (8, 1)])
+def test_4d_equals_the_5d_masked_implementation_forward_and_backward(T, ratio, H, n_kv):
+    q, k, v = qkv(T, H, n_kv)
+    for new, old in zip(fwd_bwd(s2_attention, q, k, v, ratio), fwd_bwd(s2_attention_5d, q, k, v, ratio)):
+        torch.testing.assert_close(new, old, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s2_attention(q, k, v, ratio), naive_s2_attention(q, k, v, max(2, int(T * ratio))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernel_alone_suffices_when_groups_tile_the_sequence(dtype):
+    """T divisible by g: every call is plain causal attention on 4-D tensors, which CPU's flash kernel takes
+    (forward and backward); the 5-D masked reference needs the math path and fails under flash alone."""
+    q, k, v = qkv(64, H=8, n_kv=2, D=16, dtype=dtype)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        fused = fwd_bwd(s2_attention, q, k, v, 0.25)
+        with pytest.raises(RuntimeError):
+            s2_attention_5d(q, k, v, 0.25)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else {}
+    for a, b in zip(fused, fwd_bwd(s2_attention_5d, q, k, v, 0.25)):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_one_group_is_full_attention():
