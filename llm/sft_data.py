@@ -541,10 +541,12 @@ def _pack(lengths: np.ndarray, seq_len: int) -> np.ndarray:
 class SFTCollator:
     """Items of SFTDataset -> a batch dict for llm.trainer.lm_loss.
 
-    packed=True: input_ids/labels (B, seq_len), position_ids restarting at every example, and a bool mask
-    (B, 1, T, T) that is causal within an example and blocks attention across examples (padding forms its own
-    block, so no row is empty). packed=False: right-padded to the longest example; no mask is needed because a
-    causal model never looks right, so the real tokens never see the padding.
+    packed=True: input_ids/labels (B, seq_len), position_ids restarting at every example, and as `mask` the
+    example index of every token (B, T) int32, padding -1: the model attends causally within an example and never
+    across examples (padding forms its own block, so no row is empty) — through flash-attn's variable-length kernel
+    where it can, else a (B, 1, T, T) mask it builds on the device (`llm.model.document_mask`), so no T² mask
+    is built or shipped from the host. packed=False: right-padded to the longest example; no mask is needed because
+    a causal model never looks right, so the real tokens never see the padding.
     """
 
     def __init__(self, pad_id: int, seq_len: int, packed: bool = True):
@@ -556,7 +558,7 @@ class SFTCollator:
         tokens = torch.full((B, T), self.pad_id, dtype=torch.long)
         labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
         pos = torch.zeros((B, T), dtype=torch.long)
-        doc = torch.full((B, T), -1, dtype=torch.long)
+        doc = torch.full((B, T), -1, dtype=torch.int32)
         for b, item in enumerate(items):
             p = 0
             for d, (x, y) in enumerate(item):
@@ -568,9 +570,7 @@ class SFTCollator:
                 p += n
         if not self.packed:
             return {"input_ids": tokens, "labels": labels}
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        mask = (doc[:, :, None] == doc[:, None, :]) & causal  # (B, T, T)
-        return {"input_ids": tokens, "labels": labels, "position_ids": pos, "mask": mask[:, None]}
+        return {"input_ids": tokens, "labels": labels, "position_ids": pos, "mask": doc}
 
 
 # ----------------------------------------------------------------------------------------------- classification
