@@ -23,7 +23,7 @@ from llm.model import Transformer, repeat_kv, sdpa
 
 
 def _causal_runs(q, k, v, group: int, first: int) -> torch.Tensor:
-    """Causal attention within runs of tokens [0, first), [first, first + group), [first + 2*group, ...), ...;
+    """Causal attention within runs of tokens [0, first), [first, first + group), [first + group, first + 2*group), ...;
     the last run may be shorter (`first` = 0: no first run).
 
     q: (B, T, h, D), k/v: (B, T, h_kv, D) -> (B, T, h, D). The whole runs are folded into the batch,

@@ -1,9 +1,10 @@
 """The LLaMA-2 decoder in plain PyTorch (after gpt-fast and nanoGPT), with Hugging Face Llama parameter names.
 
 RMSNorm, SwiGLU MLP, grouped-query attention through `scaled_dot_product_attention` (flash-attn's kernels when
-it is importable on CUDA, including its variable-length kernel for packed documents), rotary embeddings in the `rotate_half` layout with linear / dynamic-NTK / YaRN
-scaling computed exactly as transformers' `modeling_rope_utils` does (YaRN: Peng et al. 2023, arXiv 2309.00071),
-and a KV cache written by position. No deepspeed / peft / transformers import here.
+it is importable on CUDA, its variable-length one for packed documents), rotary embeddings in the `rotate_half`
+layout with linear / dynamic-NTK / YaRN scaling computed exactly as transformers' `modeling_rope_utils` does
+(YaRN: Peng et al. 2023, arXiv 2309.00071), and a KV cache written by position. No deepspeed / peft /
+transformers import here.
 """
 from __future__ import annotations
 
