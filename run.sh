@@ -46,13 +46,15 @@ if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
     if [[ $id =~ ^[0-9]+$ ]]; then IDS+=("$id")
     elif [[ $id =~ ^- ]]; then break  # CUDA stops at the first invalid index ("-1" hides every GPU)
     else
-      echo "error: CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: '$id' is not a GPU index — DeepSpeed's launcher needs" \
-        "indices as nvidia-smi -L numbers them (e.g. CUDA_VISIBLE_DEVICES=1,3)" >&2
+      echo "error: CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES: '$id' is not a GPU index —" \
+        "DeepSpeed's launcher needs indices as nvidia-smi -L numbers them (e.g. CUDA_VISIBLE_DEVICES=1,3)" >&2
       exit 2
     fi
   done
   if [ -n "$GPUS" ]; then
-    [ "$GPUS" -le "${#IDS[@]}" ] || { echo "error: --gpus $GPUS but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES names ${#IDS[@]}" >&2; exit 2; }
+    if [ "$GPUS" -gt "${#IDS[@]}" ]; then
+      echo "error: --gpus $GPUS but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES names ${#IDS[@]}" >&2; exit 2
+    fi
     IDS=("${IDS[@]:0:$GPUS}")
   fi
   GPUS=${#IDS[@]}
@@ -70,10 +72,13 @@ TOK=$DATA/tokenizer/tokenizer.model
 BASE=$RUNS/$CONFIG; SFT=$RUNS/$CONFIG-sft; QUANT=$RUNS/$CONFIG-sft-gptq; GGUF=$RUNS/$CONFIG-sft.gguf
 TIMES=$RUNS/pipeline-times.tsv
 VOCAB=$([ "$CONFIG" = cpu-demo ] && echo 4096 || echo 8000)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} TOKENIZERS_PARALLELISM=false
+RANKS=$(( GPUS > 0 ? GPUS : 1 ))  # processes sharing the cores
+THREADS=$(( $(nproc) / RANKS > 0 ? $(nproc) / RANKS : 1 ))
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS} TOKENIZERS_PARALLELISM=false
 
 if [ "$GPUS" -eq 0 ]; then LAUNCH=("$PY")
-elif [ ${#IDS[@]} -gt 0 ]; then LAUNCH=(env -u CUDA_VISIBLE_DEVICES .venv/bin/deepspeed --include "localhost:$(IFS=,; echo "${IDS[*]}")")
+elif [ ${#IDS[@]} -gt 0 ]; then
+  LAUNCH=(env -u CUDA_VISIBLE_DEVICES .venv/bin/deepspeed --include "localhost:$(IFS=,; echo "${IDS[*]}")")
 else LAUNCH=(.venv/bin/deepspeed --num_gpus "$GPUS"); fi
 launch() { "${LAUNCH[@]}" "$@"; }  # a training entry point: deepspeed over the GPUs, or one plain process on a CPU
 if [ -n "$PLAN" ]; then

@@ -50,8 +50,9 @@ OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
               "gradient_clipping", "optimizer", "scheduler")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Dense bf16/fp16 tensor-core peak TFLOPS per GPU (NVIDIA datasheets, without sparsity), matched in this order
-# against torch.cuda.get_device_name().
-GPU_PEAK_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("H800", 989),
+# against torch.cuda.get_device_name(): PCIe / NVL variants before the generic (SXM) name they contain.
+GPU_PEAK_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H200 NVL", 835), ("H800 PCIe", 756), ("H100", 989),
+                   ("H200", 989), ("H800", 989),
                    ("A100", 312), ("A800", 312), ("L40S", 362), ("L40", 181), ("L4", 121), ("A10G", 70),
                    ("A10", 125), ("RTX 4090", 165), ("RTX 3090", 71), ("RTX A6000", 155), ("V100", 125))
 
@@ -229,9 +230,9 @@ def batch_shape(global_batch: int, micro: int, world_size: int) -> tuple[int, in
     """(micro batch, accumulation) giving `global_batch` sequences per step on `world_size` ranks: the configured
     micro batch when world x micro divides the global batch, else the largest micro batch below it that does."""
     if global_batch < world_size or global_batch % world_size:
+        lower, higher = max(1, global_batch // world_size) * world_size, (global_batch // world_size + 1) * world_size
         raise UserError(f"train.global_batch_size={global_batch} cannot be split evenly over {world_size} ranks — "
-                        f"set it to a multiple of the world size (e.g. {max(1, global_batch // world_size) * world_size}"
-                        f" or {(global_batch // world_size + 1) * world_size})")
+                        f"set it to a multiple of the world size (e.g. {lower} or {higher})")
     per_rank = global_batch // world_size
     micro = max(m for m in range(1, min(micro, per_rank) + 1) if per_rank % m == 0)
     return micro, per_rank // micro
@@ -291,10 +292,11 @@ def _plan(cfg: TrainConfig, world_size: int) -> Plan:
         "fp16": {"loss_scale": 0, "initial_scale_power": 16, **ds.get("fp16", {}), "enabled": precision == "fp16"},
         "tensorboard": {"enabled": True, "output_path": str(Path(cfg.run_dir) / "tensorboard"), "job_name": "train"},
     })
-    if precision == "bf16" and accum > 1 and stage in (1, 2):
-        # Sum the micro batches' gradients in fp32, not bf16 (8 mantissa bits lose small gradients). DeepSpeed 0.19
-        # honours this under ZeRO-2 (fp32 accumulation buffers) and ZeRO-1 (its BF16_Optimizer); ZeRO-0 rejects
-        # the mix and ZeRO-3 ignores it.
+    if precision == "bf16" and accum > 1 and stage == 2:
+        # Sum the micro batches' gradients in fp32, not bf16 (8 mantissa bits lose small gradients): DeepSpeed 0.19's
+        # ZeRO-2 optimizer keeps fp32 accumulation buffers. ZeRO-0 rejects the mix, ZeRO-3 ignores it, and ZeRO-1
+        # swaps in its BF16_Optimizer, which hung at the end of a 2-rank CPU run here (left off: ZeRO-1 bf16
+        # accumulates in bf16).
         ds["data_types"] = {**ds.get("data_types", {}), "grad_accum_dtype": "fp32"}
     return Plan(world_size, mb, accum, mb * accum * world_size, precision, stage, ds, path)
 
@@ -607,6 +609,15 @@ def peak_flops(device: torch.device) -> Optional[float]:
     return next((tf * 1e12 for key, tf in GPU_PEAK_TFLOPS if key in name), None)
 
 
+def train_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token for MFU: the model's 6N + attention (ModelArgs.flops_per_token), less the weight
+    gradients frozen weights never get: a frozen matrix costs 2 FLOPs/param forward + 2 for the activation
+    gradient, a trained one 2 more for its weight gradient (LoRA: most of the model is frozen)."""
+    matrices = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}  # a tied lm_head included
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad and id(p) in matrices)
+    return model.args.flops_per_token(seq_len) - 2 * frozen
+
+
 def device_label(device: torch.device) -> str:
     """cpu, or cuda with the GPU's name (what MFU's peak and the kernels depend on)."""
     return f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
@@ -786,7 +797,7 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, collate: Optiona
     if resolve_compile(cfg.compile, device.type, remaining_tokens >= COMPILE_MIN_TOKENS.get(device.type, 1 << 62),
                        warn=log):
         log(f"compiling {compile_blocks(model)} decoder blocks (torch.compile: the first steps are slow)")
-    flops_per_token = model.args.flops_per_token(seq_len) if hasattr(model, "args") else None
+    flops_per_token = train_flops_per_token(model, seq_len) if hasattr(model, "args") else None
     peak = peak_flops(device)
 
     metrics = Metrics(run_dir, engine.monitor, state.step if resume_meta else None) if is_main else None

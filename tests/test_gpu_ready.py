@@ -125,12 +125,12 @@ def test_startup_line_names_device_precision_attention_and_world(monkeypatch):
 
 
 def test_precision_decisions_for_gpus(tmp_path, monkeypatch):
-    """bf16 with accumulation sums gradients in fp32 where DeepSpeed supports it (ZeRO-1/2); fp16's loss-scale
+    """bf16 with accumulation sums gradients in fp32 where DeepSpeed supports it (ZeRO-2); fp16's loss-scale
     overflow skips do not count toward max_bad_steps unless the loss itself is non-finite."""
     from llm.trainer import TrainConfig, is_bad_step, preflight
 
     monkeypatch.delenv("RANK", raising=False)
-    for stage, accum, want in ((1, 2, "fp32"), (2, 4, "fp32"), (1, 1, None), (0, 2, None), (3, 2, None)):
+    for stage, accum, want in ((2, 2, "fp32"), (2, 4, "fp32"), (2, 1, None), (1, 2, None), (0, 2, None), (3, 2, None)):
         cfg = TrainConfig(run_dir=str(tmp_path / "r"), ds_config=f"zero{stage}", precision="bf16", micro_batch_size=2,
                           grad_accum=accum)
         assert preflight(cfg, world_size=2).ds_config.get("data_types", {}).get("grad_accum_dtype") == want
@@ -139,3 +139,34 @@ def test_precision_decisions_for_gpus(tmp_path, monkeypatch):
     assert not is_bad_step("fp16", 10.3)  # the scaler's overflow skip: normal while the scale settles
     assert is_bad_step("fp16", float("nan")) and is_bad_step("fp16", float("inf"))
     assert is_bad_step("bf16", 10.3) and is_bad_step("fp32", 10.3)  # there a skip means a non-finite gradient
+
+
+def test_mfu_counts_no_weight_gradients_for_frozen_weights_and_gpu_peaks(monkeypatch):
+    import torch
+
+    from llm.config import ModelArgs
+    from llm.model import Transformer
+    from llm.trainer import peak_flops, train_flops_per_token
+
+    args = ModelArgs.from_preset("debug")
+    model = Transformer(args)
+    full = args.flops_per_token(64)
+    assert train_flops_per_token(model, 64) == full
+    matrices = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    for p in model.parameters():  # LoRA-like: every matrix frozen, the norms trained
+        p.requires_grad_(p.ndim < 2)
+    frozen = sum(p.numel() for p in {id(p): p for p in matrices}.values())
+    attention = 12 * args.n_layers * args.n_heads * args.head_dim * 64
+    assert train_flops_per_token(model, 64) == 4 * frozen + (full - attention - 6 * frozen) + attention
+    want = {"NVIDIA H200 NVL": 835, "NVIDIA H800 PCIe": 756, "NVIDIA H200": 989, "NVIDIA H100 80GB HBM3": 989,
+            "NVIDIA H100 PCIe": 756, "NVIDIA A100-SXM4-80GB": 312}
+    for name, tflops in want.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
+        assert peak_flops(torch.device("cuda", 0)) == tflops * 1e12, name
+
+
+def test_run_sh_divides_the_cores_between_ranks(tmp_path):
+    nproc = len(os.sched_getaffinity(0))
+    assert plan(tmp_path)["OMP_NUM_THREADS"] == str(max(1, nproc // 4))  # 4 GPU ranks
+    assert plan(tmp_path, CUDA_VISIBLE_DEVICES="")["OMP_NUM_THREADS"] == str(nproc)  # one CPU process
+    assert plan(tmp_path, OMP_NUM_THREADS="3")["OMP_NUM_THREADS"] == "3"  # the user's choice stands
