@@ -133,7 +133,8 @@ def stage_args(data_dir: Path, run: Path, stage: int, *extra) -> list[str]:
 def runs(data_dir, tmp_path_factory) -> dict[str, Path]:
     """One 2-rank `deepspeed` launch that trains: ZeRO 0/1/2/3 for 12 steps; micro 2 x accum 4 and micro 8 x 1
     for 2 steps; two runs whose loss turns NaN (ZeRO-0: our check, ZeRO-1: DeepSpeed's); ZeRO-1 with compiled
-    blocks, and the same resumed from its step-4 checkpoint."""
+    blocks, and the same resumed from its step-4 checkpoint; ZeRO 0-3 in bf16, ZeRO-1 bf16 resumed; a global batch
+    that cannot be split over the ranks."""
     base = tmp_path_factory.mktemp("runs")
     out = {f"zero{s}": base / f"zero{s}" for s in range(4)}
     out |= {"accum": base / "accum", "big": base / "big", "nan0": base / "nan0", "nan1": base / "nan1"}
@@ -153,14 +154,28 @@ def runs(data_dir, tmp_path_factory) -> dict[str, Path]:
     jobs += [{"argv": stage_args(data_dir, out["compiled"], 1, *keep)},
              {"copy": [str(out["compiled"] / step4), str(out["compiled_resumed"] / step4)]},
              {"argv": stage_args(data_dir, out["compiled_resumed"], 1, *keep, "--train.resume", "auto")}]
+    names = ["zero0", "zero1", "zero2", "zero3", "accum", "big", "nan0", "nan1", "compiled", "copy", "compiled_resumed"]
+    # bf16 at ZeRO 0/3 (micro 4) and ZeRO-1/2 (micro 2 x accum 2; ZeRO-2 accumulates in fp32), ZeRO-1 also
+    # resumed from its step-4 checkpoint; a global batch smaller than the world (the error, printed once)
+    bf16 = ["--train.precision", "bf16"]
+    for s in range(4):
+        out[f"bf16_zero{s}"] = base / f"bf16_zero{s}"
+        extra = [*bf16, "--train.micro_batch_size", 2, "--train.grad_accum", 2] if s in (1, 2) else bf16
+        extra += keep[2:] if s == 1 else []
+        jobs.append({"argv": stage_args(data_dir, out[f"bf16_zero{s}"], s, *extra)})
+    out["bf16_resumed"] = base / "bf16_resumed"
+    jobs += [{"copy": [str(out["bf16_zero1"] / step4), str(out["bf16_resumed"] / step4)]},
+             {"argv": stage_args(data_dir, out["bf16_resumed"], 1, *bf16, *keep[2:], "--train.micro_batch_size", 2,
+                                 "--train.grad_accum", 2, "--train.resume", "auto")},
+             {"argv": stage_args(data_dir, base / "tiny_batch", 1, "--train.global_batch_size", 1)}]
+    names += ["bf16_zero0", "bf16_zero1", "bf16_zero2", "bf16_zero3", "copy_bf16", "bf16_resumed", "tiny_batch"]
     (base / "jobs.json").write_text(json.dumps(jobs))
     (base / "driver.py").write_text(DRIVER)
     r = subprocess.run(deepspeed_cmd(base / "driver.py", [base / "jobs.json", base / "results.json"]), cwd=base,
-                       env=clean_env(), capture_output=True, text=True, timeout=600)
+                       env=clean_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     results = json.loads((base / "results.json").read_text())
-    out["results"] = dict(zip(["zero0", "zero1", "zero2", "zero3", "accum", "big", "nan0", "nan1", "compiled", "copy",
-                               "compiled_resumed"], results))
+    out["results"] = dict(zip(names, results, strict=True))
     out["log"] = r.stdout + r.stderr
     return out
 
@@ -318,6 +333,40 @@ def test_compiled_training_equals_eager_and_resumes_bit_identically(runs):
     a = load_file(runs["compiled"] / "final" / "model.safetensors")
     b = load_file(runs["compiled_resumed"] / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+BF16_TOLERANCE = 0.02  # relative, per step: bf16 weights and activations (8 mantissa bits) vs fp32
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_bf16_tracks_fp32_at_every_zero_stage(runs, stage):
+    """ZeRO 0-3 in bf16 on 2 ranks (ZeRO-1/2 as micro 2 x accum 2, ZeRO-2 summing gradients in fp32): every
+    step's loss within BF16_TOLERANCE of the fp32 run's on the same data."""
+    assert runs["results"][f"bf16_zero{stage}"] == "ok", runs["results"][f"bf16_zero{stage}"]
+    fp32, bf16 = losses(runs[f"zero{stage}"]), losses(runs[f"bf16_zero{stage}"])
+    assert [s for s, _ in fp32] == [s for s, _ in bf16] and len(bf16) == STEPS
+    for (step, a), (_, b) in zip(fp32, bf16):
+        assert abs(float(a) - float(b)) <= BF16_TOLERANCE * float(a), (step, a, b)
+    summary = json.loads((runs[f"bf16_zero{stage}"] / "summary.json").read_text())
+    assert summary["skipped_steps"] == 0 and summary["ranks_in_sync"] is (None if stage == 3 else True)
+    final = load_file(runs[f"bf16_zero{stage}"] / "final" / "model.safetensors")
+    assert final["lm_head.weight"].dtype == torch.bfloat16
+
+
+def test_bf16_resumes_bit_identically(runs):
+    assert runs["results"]["bf16_resumed"] == "ok", runs["results"]["bf16_resumed"]
+    assert losses(runs["bf16_resumed"]) == losses(runs["bf16_zero1"])[4:]
+    a = load_file(runs["bf16_zero1"] / "final" / "model.safetensors")
+    b = load_file(runs["bf16_resumed"] / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_batch_error_printed_once_and_start_line(runs):
+    """A global batch below the world size: one error line from rank 0 (the other rank exits quietly); the start
+    line names device, precision, attention kernel and world size."""
+    assert runs["results"]["tiny_batch"] == "exit 2"
+    assert runs["log"].count("global_batch_size=1 cannot be split evenly over 2 ranks") == 1
+    assert "on 2 rank(s) (cpu), ZeRO-1 (zero1.json), bf16, attention sdpa, micro batch 2 x accum 2" in runs["log"]
 
 
 def test_ds_to_hf_converts_an_intermediate_checkpoint(runs, tmp_path):
