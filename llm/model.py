@@ -325,9 +325,8 @@ class Transformer(nn.Module):
         mask: bool (B, 1, T, S), True = may attend; it must include causality when given without a cache. Or, for
         packed documents without a cache, an integer (B, T) document index per token (llm.sft_data.SFTCollator's,
         padding -1; one run of equal indices per document): each token attends causally within its document. That
-        runs flash-attn's
-        variable-length kernel where it can (importable, CUDA, fp16/bf16), and is otherwise the same
-        `document_mask` (B, 1, T, T), built here on the device rather than shipped from the host.
+        runs flash-attn's variable-length kernel where it can (importable, CUDA, fp16/bf16), and is otherwise the
+        same `document_mask` (B, 1, T, T), built here on the device rather than shipped from the host.
         """
         cos, sin = self._rope(tokens.shape[1], input_pos, position_ids)
         x = self.model.embed_tokens(tokens)

@@ -229,6 +229,9 @@ def preflight(cfg: TrainConfig, world_size: Optional[int] = None) -> Plan:
 def batch_shape(global_batch: int, micro: int, world_size: int) -> tuple[int, int]:
     """(micro batch, accumulation) giving `global_batch` sequences per step on `world_size` ranks: the configured
     micro batch when world x micro divides the global batch, else the largest micro batch below it that does."""
+    if global_batch < 1:
+        raise UserError(f"train.global_batch_size={global_batch}: must be >= 1 (or null: micro batch x ranks x "
+                        "grad_accum)")
     if global_batch < world_size or global_batch % world_size:
         lower, higher = max(1, global_batch // world_size) * world_size, (global_batch // world_size + 1) * world_size
         raise UserError(f"train.global_batch_size={global_batch} cannot be split evenly over {world_size} ranks — "
@@ -449,8 +452,8 @@ def default_collate(items: list) -> dict[str, torch.Tensor]:
 
 
 def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross entropy over labels != -100; optional `position_ids` (B, T) and `mask` (B, 1, T, T)
-    in the batch are passed to the model (packed or padded SFT batches)."""
+    """Mean next-token cross entropy over labels != -100; optional `position_ids` (B, T) and `mask` (a bool
+    (B, 1, T, T) mask, or packed documents' (B, T) indices) in the batch are passed to the model (SFT batches)."""
     logits = model(batch["input_ids"], position_ids=batch.get("position_ids"), mask=batch.get("mask"))  # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
 
