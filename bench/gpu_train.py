@@ -84,7 +84,7 @@ def _ratios(sec) -> None:
 def throughput(sec) -> None:
     from llm.config import ModelArgs
     from llm.model import DecoderLayer
-    from llm.trainer import compile_blocks, init_distributed, lm_loss, memory_gb, peak_flops
+    from llm.trainer import compile_model, init_distributed, lm_loss, memory_gb, peak_flops
 
     _, world, device = init_distributed()
     if sec.dry:  # (preset, seq, micro batch); warmup, steps, repeats. bf16 steps are slow on these CPUs: fp32
@@ -117,7 +117,7 @@ def throughput(sec) -> None:
                         if isinstance(block, DecoderLayer):
                             block.compile(backend="eager")
                 else:
-                    compile_blocks(model)
+                    compile_model(model)
                 compiled_once.add(preset)
             g = torch.Generator().manual_seed(0)
             tokens = torch.randint(0, args.vocab_size, (mb, seq + 1), generator=g)

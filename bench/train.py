@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from llm.cli import run_cli
 from llm.config import ModelArgs
 from llm.model import Transformer
-from llm.trainer import (TrainConfig, compile_blocks, init_distributed, lm_loss, lr_scheduler, make_optimizer,
+from llm.trainer import (TrainConfig, compile_model, init_distributed, lm_loss, lr_scheduler, make_optimizer,
                          memory_gb, peak_flops, preflight)
 
 
@@ -81,7 +81,7 @@ def bench(preset: str = "cpu-demo", seq_len: Optional[int] = None, micro_batch_s
         ours.gradient_checkpointing = True
         hf.gradient_checkpointing_enable()
     ours_eager, hf_compiled = copy.deepcopy(ours), copy.deepcopy(hf)
-    compile_blocks(ours)  # our default for a run this long (train.compile=auto)
+    compile_model(ours)  # our default for a run this long (train.compile=auto)
     hf_compiled.compile()
     engines = {"ours": (engine_for(ours, cfg, plan.ds_config), lm_loss),
                "transformers": (engine_for(hf, cfg, plan.ds_config), hf_loss),

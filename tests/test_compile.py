@@ -52,14 +52,14 @@ def _loss_and_grads(model, x, loss):
 
 
 def test_compiled_blocks_equal_eager_under_longlora_and_the_classifier():
-    """compile_blocks (train.compile) inside a peft LoRA wrapper with S²-Attn and YaRN (LongLoRA), and inside the
+    """compile_model (train.compile: blocks, inside wrappers) inside a peft LoRA wrapper with S²-Attn and YaRN (LongLoRA), and inside the
     classifier: loss and every trained gradient equal eager within float tolerance."""
     import copy
 
     from llm.classify import Classifier, classify_loss
     from llm.longlora import enable_s2_attn, extend_context, longlora_trainable
     from llm.sft import LoraOptions, add_lora
-    from llm.trainer import compile_blocks, lm_loss
+    from llm.trainer import compile_model, lm_loss
 
     torch.manual_seed(0)
     base = Transformer(ModelArgs.from_preset("debug"))
@@ -79,7 +79,7 @@ def test_compiled_blocks_equal_eager_under_longlora_and_the_classifier():
         model.train()
         eager = _loss_and_grads(model, b, lambda m, x: loss(m, x))
         compiled_model = copy.deepcopy(model)
-        assert compile_blocks(compiled_model) == 2
+        assert compile_model(compiled_model) == "2 decoder blocks"
         compiled = _loss_and_grads(compiled_model, b, lambda m, x: loss(m, x))
         torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
         assert compiled[1].keys() == eager[1].keys() and len(eager[1]) > 2

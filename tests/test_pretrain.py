@@ -323,7 +323,7 @@ def test_compiled_training_equals_eager_and_resumes_bit_identically(runs):
     (relative) of the eager run's; a compiled run resumed from a checkpoint reproduces the uninterrupted compiled
     run exactly (losses and final weights)."""
     assert runs["results"]["compiled"] == "ok" and runs["results"]["compiled_resumed"] == "ok", runs["results"]
-    assert "compiling 2 decoder blocks" in runs["log"]
+    assert "compiling the model" in runs["log"]
     eager, compiled = losses(runs["zero1"]), losses(runs["compiled"])
     assert [s for s, _ in eager] == [s for s, _ in compiled] and len(eager) == STEPS
     for (step, a), (_, b) in zip(eager, compiled):
