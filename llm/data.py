@@ -338,7 +338,7 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
     from tqdm import tqdm
 
     from llm.corpora import expand_inputs
-    from llm.hf_format import _atomic_dir, _commit_dir
+    from llm import writer
     from llm.tokenizer import Tokenizer
 
     inputs = ["builtin:demo"] if inputs is None else [inputs] if isinstance(inputs, str) else list(inputs)
@@ -361,24 +361,24 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
     params = {"tokenizer_sha256": tok.sha256, "text_key": text_key, "txt_docs": txt_docs, "val_fraction": val_fraction,
               "seed": seed, "dedupe": dedupe, "dtype": dtype, "max_shard_tokens": max_shard_tokens}
     sources = _sources(files)
-    if out_dir.exists() and not overwrite:
-        if (out_dir / META).is_file():
-            meta = read_meta(out_dir)
-            if meta.get("params") == params and meta.get("sources") == sources:
-                print(f"{out_dir}: up to date ({meta['splits']['train']['tokens']:,} train tokens); "
-                      "--overwrite rebuilds it")
-                return meta
-            raise UserError(f"{out_dir}: already holds data built from other inputs or settings — pass --overwrite "
-                            "to replace it, or choose another --out")
-        if any(out_dir.iterdir()):
-            raise UserError(f"{out_dir}: exists and is not a prepared data directory — pass --overwrite or "
-                            "choose another --out")
+    # llm.writer decides what may be replaced: only a data directory of ours, never one holding an input
+    used = [*files, tok_path]
+    writer.check_inputs(out_dir, used)
+    if out_dir.is_dir() and not overwrite and writer.owner(out_dir) == "data":
+        meta = read_meta(out_dir)
+        if meta.get("params") == params and meta.get("sources") == sources:
+            print(f"{out_dir}: up to date ({meta['splits']['train']['tokens']:,} train tokens); "
+                  "--overwrite rebuilds it")
+            return meta
+        raise UserError(f"{out_dir}: already holds data built from other inputs or settings — pass --overwrite "
+                        "to replace it, or choose another --out")
+    writer.check_dir(out_dir, "data", used, overwrite)
 
     workers = workers or len(os.sched_getaffinity(0))
     cfg = {"text_key": text_key, "seed": seed, "val_fraction": val_fraction, "dtype": dtype, "dedupe": dedupe}
     total = None if any(f.startswith("builtin:") for f in files) else sum(s["size"] for s in sources)
     _remove_dead_builds(out_dir)
-    tmp = _atomic_dir(out_dir)
+    tmp = writer.temp_dir(out_dir)
     (tmp / ".owner_pid").write_text(str(os.getpid()))
     umask = os.umask(0)
     os.umask(umask)
@@ -430,7 +430,7 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
         # meta.json last: its presence with "complete": true is what marks the build as usable
         (tmp / META).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
         (tmp / ".owner_pid").unlink()
-        _commit_dir(tmp, out_dir)
+        writer.commit_dir(tmp, out_dir, "data", used, overwrite)
     except BaseException:
         if pool is not None:
             pool.terminate()

@@ -1,15 +1,13 @@
 """Checkpoints as Hugging Face Llama directories: config.json + (sharded) model.safetensors + tokenizer files.
 
 `load_model` builds a `Transformer` from any such directory (ours, transformers', converted from GGUF, merged
-LoRA); `save_model` writes one that `transformers.AutoModelForCausalLM.from_pretrained` loads. Writes are atomic:
-everything goes to a temporary directory that is renamed into place at the end.
+LoRA); `save_model` writes one that `transformers.AutoModelForCausalLM.from_pretrained` loads. Writes go through
+`llm.writer`: a temporary directory renamed into place at the end, replacing only the toolkit's own model dirs.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llm import writer
 from llm.cli import UserError
 from llm.config import ModelArgs
 from llm.model import Transformer
@@ -114,34 +113,17 @@ def load_model(path: str | os.PathLike, dtype: Optional[torch.dtype] = torch.flo
     return model.eval()
 
 
-def _atomic_dir(dst: Path):
-    """A temporary sibling directory; `_commit_dir` renames it to dst (replacing an older dst)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is meant to be shared
-    return tmp
-
-
-def _commit_dir(tmp: Path, dst: Path):
-    for f in tmp.rglob("*"):
-        f.chmod(0o755 if f.is_dir() else 0o644)
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_model(model: Transformer, path: str | os.PathLike, tokenizer=None, dtype: Optional[torch.dtype] = None,
-               state_dict: Optional[dict[str, torch.Tensor]] = None, extra_config: Optional[dict] = None) -> Path:
-    """Write `model` as a Hugging Face Llama directory at `path` (atomically).
+               state_dict: Optional[dict[str, torch.Tensor]] = None, extra_config: Optional[dict] = None,
+               overwrite: bool = True, inputs: tuple = ()) -> Path:
+    """Write `model` as a Hugging Face Llama directory at `path` (atomically, by `llm.writer`).
 
     `state_dict` overrides the model's tensors (e.g. weights consolidated from a ZeRO-3 checkpoint); `tokenizer`
-    (llm.tokenizer.Tokenizer) writes its files next to the weights.
+    (llm.tokenizer.Tokenizer) writes its files next to the weights. An existing `path` is replaced only if it is
+    a model directory of the toolkit and `overwrite`, and never if it is or holds one of `inputs`.
     """
     path = Path(path)
+    writer.check_dir(path, "model", inputs, overwrite, flag="--dst")
     args = model.args
     sd = state_dict if state_dict is not None else model.state_dict()
     out = {}
@@ -152,8 +134,7 @@ def save_model(model: Transformer, path: str | os.PathLike, tokenizer=None, dtyp
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         out[k] = t.contiguous().cpu()
-    tmp = _atomic_dir(path)
-    try:
+    with writer.write_dir(path, "model", inputs, overwrite, flag="--dst") as tmp:
         cfg = args.to_hf_config()
         some = next(iter(out.values()))
         cfg["torch_dtype"] = str(some.dtype).removeprefix("torch.")
@@ -166,8 +147,4 @@ def save_model(model: Transformer, path: str | os.PathLike, tokenizer=None, dtyp
         save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _commit_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

@@ -32,7 +32,8 @@ from safetensors.torch import load_file, save_file
 
 from llm.cli import UserError
 from llm.config import ModelArgs
-from llm.hf_format import _atomic_dir, _commit_dir, load_model, load_state_dict, read_config
+from llm import writer
+from llm.hf_format import load_model, load_state_dict, read_config
 from llm.model import Transformer
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -133,7 +134,8 @@ def quantize(model_dir: str | os.PathLike, out: str | os.PathLike, samples: Opti
         qkw["weight_only"] = {"method": "rtn"}
     else:
         qkw.update(desc_act=desc_act, damp_percent=damp_percent)
-    tmp = _atomic_dir(out)
+    writer.check_dir(out, "gptq", [model_dir], overwrite=True)  # before the work: never a folder not ours
+    tmp = writer.temp_dir(out)
     # GPTQModel parks finished layers on disk; our own temp dir, so that an interrupted run leaves nothing behind
     qkw["offload_to_disk_path"] = offload = tempfile.mkdtemp(prefix="gptq-offload-")
     try:
@@ -144,7 +146,7 @@ def quantize(model_dir: str | os.PathLike, out: str | os.PathLike, samples: Opti
         model.quantize(calib, batch_size=1)
         model.save(str(tmp))
         _finish_dir(model_dir, tmp, save_dtype)
-        _commit_dir(tmp, out)
+        writer.commit_dir(tmp, out, "gptq", [model_dir], overwrite=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -84,11 +83,10 @@ def export_lora(peft_model, adapter_dir: Path, final_dir: Optional[Path], tokeni
                 extras: Optional[set[str]] = None):
     """Write the adapter directory (peft's, plus LongLoRA's trained embeddings/norms and the RoPE extension) and,
     if `final_dir` is given, the merged Hugging Face directory. Consumes `peft_model` (merges in place)."""
-    from llm.hf_format import _atomic_dir, _commit_dir  # same atomic write as save_model
+    from llm import writer  # the same atomic, own-outputs-only write as save_model
 
     base = peft_model.get_base_model()
-    tmp = _atomic_dir(adapter_dir)
-    try:
+    with writer.write_dir(adapter_dir, "adapter", flag="--train.run_dir") as tmp:
         peft_model.save_pretrained(tmp)
         if extras:
             # names without peft's wrapper prefix: base_model.model.model.norm.weight -> model.norm.weight
@@ -98,10 +96,6 @@ def export_lora(peft_model, adapter_dir: Path, final_dir: Optional[Path], tokeni
         if base.args.rope_scaling is not None:
             (tmp / EXTENSION).write_text(json.dumps({"rope_scaling": base.args.rope_scaling.to_dict(),
                                                      "max_position_embeddings": base.args.max_seq_len}, indent=2))
-        _commit_dir(tmp, adapter_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if final_dir is not None:
         merged = peft_model.merge_and_unload()
         for layer in merged.model.layers:  # S²-Attn is a training-time hook only
@@ -146,7 +140,8 @@ def merge_lora(base: str, adapter: str, dst: str, dtype: Optional[Literal["fp32"
         raise UserError(f"{adapter_dir}: cannot apply the adapter to {base} ({str(e).splitlines()[0][:200]}) — was "
                         "it trained on this base model?") from None
     merged = peft_model.merge_and_unload()
-    return save_model(merged, dst, tokenizer=_tokenizer_or_none(base), dtype=DTYPES[dtype] if dtype else None)
+    return save_model(merged, dst, tokenizer=_tokenizer_or_none(base), dtype=DTYPES[dtype] if dtype else None,
+                      inputs=(base, adapter))
 
 
 def _tokenizer_or_none(model_dir: str):

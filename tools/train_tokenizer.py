@@ -20,6 +20,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from llm import writer
 from llm.cli import UserError, run_cli
 from llm.config import ModelArgs
 from llm.corpora import expand_inputs, iter_documents
@@ -28,6 +29,7 @@ from llm.tokenizer import CHAT_TOKENS, Tokenizer
 COVERAGES = (0.9999, 0.9995, 0.999, 0.998, 0.995, 0.99, 0.98)  # sentencepiece rejects < 0.98
 ASCII = "".join(map(chr, range(0x21, 0x7F)))  # always own tokens, even if rare in the sample (digits in poems)
 HELD_OUT = {"en": "builtin:shakespeare", "zh": "builtin:renmin"}
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # written next to tokenizer.model
 
 
 def sample_lines(inputs: list[str], max_sentences: int, seed: int, text_key: str, txt_docs: str,
@@ -103,7 +105,9 @@ def train_tokenizer(inputs: Union[list[str], str, None] = None, out: str = "data
     Args:
         inputs: one or a list of files, globs or folders of .txt / .jsonl / .jsonl.gz / .parquet, or builtin:
             corpora (default builtin:demo).
-        out: the tokenizer.model to write; the Hugging Face tokenizer files go next to it.
+        out: the tokenizer.model to write; the Hugging Face tokenizer files go next to it. An existing directory
+            means DIR/tokenizer.model. Files already there are replaced only with --overwrite, and only in a
+            tokenizer directory this toolkit made.
         vocab_size: number of tokens, specials included (match the model preset's vocab_size).
         character_coverage: share of characters that get their own token (the rest fall back to bytes);
             default: the largest of 0.9999 ... 0.98 whose characters fill at most half the vocabulary.
@@ -116,7 +120,7 @@ def train_tokenizer(inputs: Union[list[str], str, None] = None, out: str = "data
         seed: sampling seed.
         threads: sentencepiece training threads.
         preset: model preset for the embedding-share line of the report.
-        overwrite: retrain even if `out` exists.
+        overwrite: retrain even if `out` exists (replacing only a tokenizer this toolkit wrote).
     """
     import sentencepiece as spm
 
@@ -126,15 +130,23 @@ def train_tokenizer(inputs: Union[list[str], str, None] = None, out: str = "data
         ModelArgs.from_preset(preset)
     except ValueError as e:
         raise UserError(f"--preset: {e}") from None
+    if out_path.is_dir():
+        out_path = out_path / "tokenizer.model"
     if out_path.is_file() and not overwrite:
         print(f"{out_path}: exists (--overwrite retrains); its report:")
         return report(Tokenizer(out_path), preset)
+    # before the training: every file written must be new, or (--overwrite) a tokenizer file of ours
+    files = expand_inputs(inputs)
+    for name in ("tokenizer.model", *HF_FILES):
+        writer.check_file(out_path if name == "tokenizer.model" else out_path.parent / name, "tokenizer",
+                          files, overwrite, flag="--out")
     lines = sample_lines(inputs, max_sentences, seed, text_key, txt_docs, max_input_mb)
     coverage = character_coverage if character_coverage is not None else pick_coverage(lines, vocab_size)
     print(f"training on {len(lines):,} lines ({sum(map(len, lines)):,} chars), vocab {vocab_size}, "
           f"character coverage {coverage}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    created = writer.make_dir(out_path.parent, "tokenizer")
     tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=out_path.parent))
+    ok = False
     try:
         try:
             spm.SentencePieceTrainer.train(
@@ -158,8 +170,11 @@ def train_tokenizer(inputs: Union[list[str], str, None] = None, out: str = "data
         for f in sorted(tmp.iterdir(), key=lambda p: p.name == "tokenizer.model"):
             dst = out_path if f.name == "tokenizer.model" else out_path.parent / f.name
             f.replace(dst)
+        ok = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not ok:  # no empty output folder left behind by a failed training
+            shutil.rmtree(out_path.parent, ignore_errors=True)
     print(f"wrote {out_path} (+ tokenizer.json, tokenizer_config.json, special_tokens_map.json)")
     return report(Tokenizer(out_path), preset)
 
