@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from llm.cli import UserError
 from llm.compile import resolve as resolve_compile
+from llm.rundir import holds_run_lock
 
 DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
@@ -718,6 +719,7 @@ class StopSignal:
 
 
 # ----------------------------------------------------------------------------------------------- the loop
+@holds_run_lock(is_main=_is_main_process)  # one training per run directory (llm/rundir.py)
 def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, collate: Optional[Callable] = None,
           loss_fn: Optional[Callable] = None, trainable_filter: Optional[Callable[[str, nn.Parameter], bool]] = None,
           tokenizer=None, on_save: Optional[Callable[[dict, Path], Any]] = None,
