@@ -8,16 +8,17 @@
 #   bash run.sh --config 25M --gpus 4 # a GPU-sized model on 4 GPUs (configs/pretrain/<config>.yaml)
 #   bash run.sh --out /tmp/demo       # put data/ and runs/ under another directory
 #   bash run.sh --print-plan          # print the GPUs, config and launch command it would use, run nothing
+#   bash run.sh --precision bf16      # train in bf16 mixed precision (default auto: the config's; fp32 on a CPU)
 #   CUDA_VISIBLE_DEVICES=1,3 bash run.sh   # only GPUs 1 and 3
 set -euo pipefail
 cd "$(dirname "$0")"
 
 STAGES=(setup tokenizer data pretrain eval sft quantize eval_quant gguf summary)
 usage() {
-  echo "usage: bash run.sh [--from STAGE] [--only STAGE] [--config NAME] [--out DIR] [--gpus N] [--print-plan]"
+  echo "usage: bash run.sh [--from STAGE] [--only STAGE] [--config NAME] [--out DIR] [--gpus N] [--precision P] [--print-plan]"
   echo "stages: ${STAGES[*]}"
 }
-FROM=""; ONLY=""; CONFIG=""; OUT="."; GPUS=""; PLAN=""
+FROM=""; ONLY=""; CONFIG=""; OUT="."; GPUS=""; PLAN=""; PRECISION=auto
 while [ $# -gt 0 ]; do
   case "$1" in
     --from) FROM=$2; shift 2 ;;
@@ -25,11 +26,13 @@ while [ $# -gt 0 ]; do
     --config) CONFIG=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --gpus) GPUS=$2; shift 2 ;;
+    --precision) PRECISION=$2; shift 2 ;;
     --print-plan) PLAN=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "error: unknown argument $1" >&2; usage >&2; exit 2 ;;
   esac
 done
+[[ $PRECISION =~ ^(auto|bf16|fp32|fp16)$ ]] || { echo "error: --precision $PRECISION: use auto, bf16, fp32 or fp16" >&2; exit 2; }
 for s in "$FROM" "$ONLY"; do
   if [ -n "$s" ] && [[ ! " ${STAGES[*]} " =~ " $s " ]]; then echo "error: unknown stage '$s'" >&2; usage >&2; exit 2; fi
 done
@@ -76,6 +79,10 @@ RANKS=$(( GPUS > 0 ? GPUS : 1 ))  # processes sharing the cores
 THREADS=$(( $(nproc) / RANKS > 0 ? $(nproc) / RANKS : 1 ))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS} TOKENIZERS_PARALLELISM=false
 
+# Training precision: the config's unless --precision says otherwise (weights are then saved in fp32). bf16 on a CPU
+# with AMX / AVX512-BF16 trains the cpu-demo model ~1.25x faster, but ended step 100 at loss 6.02 against fp32's 5.90.
+TRAIN_OPTS=()
+[ "$PRECISION" = auto ] || TRAIN_OPTS=(--train.precision "$PRECISION" --train.save_dtype fp32)
 if [ "$GPUS" -eq 0 ]; then LAUNCH=("$PY")
 elif [ ${#IDS[@]} -gt 0 ]; then
   LAUNCH=(env -u CUDA_VISIBLE_DEVICES .venv/bin/deepspeed --include "localhost:$(IFS=,; echo "${IDS[*]}")")
@@ -86,6 +93,7 @@ if [ -n "$PLAN" ]; then
   echo "config: configs/pretrain/$CONFIG.yaml"
   echo "launch: ${LAUNCH[*]}"
   echo "OMP_NUM_THREADS: $OMP_NUM_THREADS"
+  echo "precision: $PRECISION"
   exit 0
 fi
 
@@ -95,7 +103,7 @@ stage_data()      { "$PY" tools/prepare_data.py --inputs '[builtin:demo]' --toke
 stage_pretrain() {
   [ -f "$BASE/final/config.json" ] && return 0
   launch llm/pretrain.py --config "configs/pretrain/$CONFIG.yaml" --data "$DATA/demo" \
-    --train.run_dir "$BASE" --train.resume auto
+    --train.run_dir "$BASE" --train.resume auto "${TRAIN_OPTS[@]}"
 }
 stage_eval() {
   "$PY" tools/eval.py ppl --model "$BASE/final" --source builtin:demo --split val --max_tokens 60000 \
@@ -104,7 +112,7 @@ stage_eval() {
 stage_sft() {
   [ -f "$SFT/final/config.json" ] && return 0
   launch llm/sft.py --config configs/sft/lora-demo.yaml --model "$BASE/final" --train.run_dir "$SFT" \
-    --train.resume auto
+    --train.resume auto "${TRAIN_OPTS[@]}"
 }
 stage_quantize() {
   [ -f "$QUANT/config.json" ] && return 0
