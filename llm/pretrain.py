@@ -110,9 +110,47 @@ def pretrain(preset: str = "cpu-demo", model: Optional[dict[str, Any]] = None, d
 
     from llm.model import Transformer
 
-    torch.manual_seed(train.seed)  # identical initial weights on every rank
-    net = Transformer(args)
+    if plan.zero_stage == 3:
+        net = partitioned_transformer(args, plan.ds_config, train.seed)
+    else:
+        torch.manual_seed(train.seed)  # identical initial weights on every rank
+        net = Transformer(args)
     return run_training(net, datasets["train"], datasets["val"], train, tokenizer=tok)
+
+
+def partitioned_transformer(args: ModelArgs, ds_config: dict, seed: int):
+    """ZeRO-3: `Transformer(args)` created already partitioned over the ranks (deepspeed.zero.Init), so no rank
+    ever holds the whole model (each parameter exists in full only inside its own module's __init__). In fp32 the
+    weights are bit-identical to the unpartitioned `torch.manual_seed(seed); Transformer(args)` (tests/test_zero3.py):
+    the modules' own inits run on full tensors before partitioning, consuming the RNG as they would; then
+    `Transformer._init_weights` is replayed in `Module.apply`'s order (children first) with each module's parameters
+    and its children's gathered (o_proj/down_proj are re-drawn by their parent). DeepSpeed's own `apply` wrapper gathers only a module's own
+    parameters, so the parent's residual scaling would be lost; it is switched off (override_module_apply), which
+    makes __init__'s apply a no-op on the empty partitions (no RNG drawn)."""
+    import deepspeed
+    import torch
+
+    from llm.model import Transformer
+    from llm.trainer import init_distributed
+
+    init_distributed()
+    config = {**ds_config, "zero_optimization": {**ds_config.get("zero_optimization", {}),
+                                                 "override_module_apply": False}}
+    torch.manual_seed(seed)
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        net = Transformer(args)
+
+    def replay(module):
+        for child in module.children():
+            replay(child)
+        params = {id(p): p for m in (module, *module.children()) for p in m.parameters(recurse=False)}
+        if params:  # every rank draws the same values; rank 0's are kept (broadcast on exit)
+            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+                net._init_weights(module)
+
+    with torch.no_grad():
+        replay(net)
+    return net
 
 
 if __name__ == "__main__":

@@ -328,7 +328,8 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
     for p in model.parameters():  # shared (tied) parameters appear once
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or (id(p) in embeddings and not decay_embeddings):
+        # ds_shape: the full shape of a parameter ZeRO-3 holds partitioned (created under zero.Init: p is empty)
+        if len(getattr(p, "ds_shape", p.shape)) < 2 or (id(p) in embeddings and not decay_embeddings):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -618,12 +619,17 @@ def peak_flops(device: torch.device) -> Optional[float]:
     return next((tf * 1e12 for key, tf in GPU_PEAK_TFLOPS if key in name), None)
 
 
+def numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, also when ZeRO-3 holds only a partition of it (created under zero.Init)."""
+    return getattr(p, "ds_numel", p.numel())
+
+
 def train_flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Training FLOPs per token for MFU: the model's 6N + attention (ModelArgs.flops_per_token), less the weight
     gradients frozen weights never get: a frozen matrix costs 2 FLOPs/param forward + 2 for the activation
     gradient, a trained one 2 more for its weight gradient (LoRA: most of the model is frozen)."""
     matrices = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}  # a tied lm_head included
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad and id(p) in matrices)
+    frozen = sum(numel(p) for p in model.parameters() if not p.requires_grad and id(p) in matrices)
     return model.args.flops_per_token(seq_len) - 2 * frozen
 
 
@@ -773,7 +779,7 @@ def train(model: nn.Module, train_ds, val_ds, cfg: TrainConfig, collate: Optiona
             p.requires_grad_(bool(trainable_filter(name, p)))
     if cfg.activation_checkpointing:
         model.gradient_checkpointing = True
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     optimizer = make_optimizer(model, cfg)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -1021,6 +1027,12 @@ def _ranks_in_sync(engine, plan: Plan) -> Optional[bool]:
     return True
 
 
+def cut_at_stop(tokens: list[int], stop_ids) -> list[int]:
+    """`tokens` up to (without) the first stop id: what generate() returns when it stops there itself."""
+    stops = set(stop_ids)
+    return next((tokens[:i] for i, t in enumerate(tokens) if t in stops), tokens)
+
+
 @torch.no_grad()
 def evaluate(engine, val_ds, cfg: TrainConfig, plan: Plan, collate, loss_fn, count_correct, tokenizer,
              state: TrainState, device, metrics: Optional[Metrics], bar) -> dict:
@@ -1054,10 +1066,15 @@ def evaluate(engine, val_ds, cfg: TrainConfig, plan: Plan, collate, loss_fn, cou
             prompts = [tokenizer.encode(p, bos=tokenizer.bos_id is not None) for p in cfg.sample_prompts]
             module = engine.module  # a peft (LoRA) wrapper holds the Transformer that generate() expects
             module = module.get_base_model() if hasattr(module, "get_base_model") else module
+            # ZeRO-3 gathers each layer's parameters with a collective on every forward: all ranks must decode the
+            # same number of steps, so none may stop early at a stop id (cut there afterwards instead).
+            zero3 = plan.zero_stage == 3
             with torch.compiler.set_stance("force_eager"):  # a compiled model: a few tokens do not repay compiling
                 outs = generate(module, prompts, cfg.sample_tokens, temperature=cfg.sample_temperature,
                                 top_k=50 if cfg.sample_temperature > 0 else None, seed=cfg.seed,
-                                stop_ids=tokenizer.stop_ids, truncate=True, compile=False)
+                                stop_ids=() if zero3 else tokenizer.stop_ids, truncate=True, compile=False)
+            if zero3:
+                outs = [cut_at_stop(o, tokenizer.stop_ids) for o in outs]
             out["samples"] = {p: tokenizer.decode(o) for p, o in zip(cfg.sample_prompts, outs)}
     finally:
         engine.train()
