@@ -333,7 +333,8 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
         chunk_mb: MB of raw text per task handed to a worker; default: a sixteenth of the input per worker,
             between 0.25 and 1 MB (small inputs still spread over all workers; a MB of task costs a worker ~40 MB
             at peak).
-        overwrite: rebuild even if OUT already holds a complete build of the same inputs.
+        overwrite: rebuild even if OUT already holds a complete build of the same inputs. Only a data
+            directory this toolkit made is ever replaced (llm.writer), never a folder holding an input.
     """
     from tqdm import tqdm
 

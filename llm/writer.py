@@ -117,13 +117,28 @@ def make_dir(path: str | os.PathLike, kind: str) -> bool:
     path = Path(path)
     if path.is_dir():
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _mkdir(path.parent)
     try:
         path.mkdir()
     except FileExistsError:
+        if not path.is_dir():
+            raise UserError(f"{path}: exists and is not a directory — choose another path") from None
         return False
+    except OSError as e:
+        raise UserError(f"{path}: cannot create the directory ({e.strerror}) — choose another path") from None
     _mark(path, kind)
     return True
+
+
+def _mkdir(path: Path):
+    """`path` and its parents, or one line saying why not (a file in the way, no permission)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise UserError(f"{blocker}: is a file, not a directory — choose another path") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot create the directory ({e.strerror}) — choose another path") from None
 
 
 def _mark(path: Path, kind: str):
@@ -134,7 +149,7 @@ def _mark(path: Path, kind: str):
 def temp_dir(dst: str | os.PathLike) -> Path:
     """A temporary sibling directory of `dst`, which `commit_dir` renames into place."""
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    _mkdir(dst.parent)
     return Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
 
 
@@ -208,7 +223,7 @@ def write_file(dst: str | os.PathLike, kind: str, inputs: Iterable = (), overwri
     """`with write_file(dst, "gguf") as tmp:` write the file tmp; on success it is renamed to dst."""
     dst, inputs = Path(dst), list(inputs)
     check_file(dst, kind, inputs, overwrite, flag)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    _mkdir(dst.parent)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:
         yield tmp

@@ -168,6 +168,7 @@ def test_to_gguf_replaces_only_a_gguf_and_only_with_overwrite(capsys, model_dir,
     text.write_text("not a model\n")
     refused(capsys, CONVERT, [*argv, str(text)], text, tmp_path)
     refused(capsys, CONVERT, [*argv, str(text), "--overwrite", "true"], text, tmp_path)  # not a GGUF: never
+    refused(capsys, CONVERT, [*argv, str(text / "m.gguf")], text, tmp_path)  # a file in the way of the folder
     line = refused(capsys, CONVERT, [*argv, str(tmp_path), "--overwrite", "true"], tmp_path, tmp_path)
     assert "is a directory" in line
     cfg = model_dir / "config.json"
