@@ -124,9 +124,9 @@ def partitioned_transformer(args: ModelArgs, ds_config: dict, seed: int):
     weights are bit-identical to the unpartitioned `torch.manual_seed(seed); Transformer(args)` (tests/test_zero3.py):
     the modules' own inits run on full tensors before partitioning, consuming the RNG as they would; then
     `Transformer._init_weights` is replayed in `Module.apply`'s order (children first) with each module's parameters
-    and its children's gathered (o_proj/down_proj are re-drawn by their parent). DeepSpeed's own `apply` wrapper gathers only a module's own
-    parameters, so the parent's residual scaling would be lost; it is switched off (override_module_apply), which
-    makes __init__'s apply a no-op on the empty partitions (no RNG drawn)."""
+    and its children's gathered (o_proj/down_proj are re-drawn by their parent). DeepSpeed's own `apply` wrapper
+    gathers only a module's own parameters, so the parent's residual scaling would be lost; it is switched off
+    (override_module_apply), which makes __init__'s apply a no-op on the empty partitions (no RNG drawn)."""
     import deepspeed
     import torch
 

@@ -152,6 +152,55 @@ def _tokenizer_or_none(model_dir: str):
 
 
 # ----------------------------------------------------------------------------------------------- data
+def load_partitioned(path: str, ds_config: dict) -> Transformer:
+    """The Hugging Face directory `path` as a Transformer created partitioned over the ranks (deepspeed.zero.Init,
+    ZeRO-3) and filled one parameter at a time: rank 0 reads it from the safetensors file (safe_open: nothing else
+    is read) into the gathered parameter, which is broadcast and re-partitioned on leaving GatheredParameters. No
+    rank holds the whole model. Names and shapes are checked against config.json first, on every rank (from the
+    files' headers), so an error stops all ranks before any collective. A GPTQ directory is loaded whole
+    (load_model dequantizes it)."""
+    import deepspeed
+    from safetensors import safe_open
+
+    from llm.hf_format import IGNORED_SUFFIXES, _weight_files, read_config
+    from llm.trainer import init_distributed
+
+    args, cfg = read_config(path)
+    if cfg.get("quantization_config"):
+        return load_model(path)
+    rank, _, _ = init_distributed()
+    shapes, files = {}, {}
+    for f in _weight_files(Path(path)):
+        if not f.is_file():
+            raise UserError(f"{f}: listed in model.safetensors.index.json but missing")
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                if not k.endswith(IGNORED_SUFFIXES):
+                    shapes[k], files[k] = tuple(fh.get_slice(k).get_shape()), f
+    zero = {**ds_config.get("zero_optimization", {}), "override_module_apply": False}  # weights come from the file
+    with deepspeed.zero.Init(config_dict_or_path={**ds_config, "zero_optimization": zero}):
+        model = Transformer(args)
+    params = dict(model.named_parameters())  # a tied lm_head appears once, as model.embed_tokens.weight
+    if args.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    wrong = [f"{k} has shape {shapes[k]} but config.json implies {tuple(p.ds_shape)}" for k, p in params.items()
+             if k in shapes and shapes[k] != tuple(p.ds_shape)]
+    if missing := sorted(set(params) - set(shapes)):
+        wrong.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+    if unexpected := sorted(set(shapes) - set(params)):
+        wrong.append(f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[:3]}")
+    if wrong:
+        raise UserError(f"{path}: weights do not match config.json ({'; '.join(wrong)}); is config.json from a "
+                        "different model?")
+    with torch.no_grad():
+        for name, p in params.items():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank == 0:
+                    with safe_open(str(files[name]), framework="pt") as fh:
+                        p.data.copy_(fh.get_tensor(name))
+    return model.eval()
+
+
 def build_data(data: str, val_data: Optional[str], tokenizer, model: Transformer, seq_len: int, pack: bool,
                truncate: bool, val_fraction: float, max_examples: Optional[int], seed: int, log=print):
     """(train_ds, val_ds, collate, sample prompts) for chats or a pretraining data dir."""
@@ -199,10 +248,12 @@ def sft(model: str, data: str, train_cfg: TrainConfig, mode: Literal["full", "lo
         longlora: Optional[LongLoraOptions] = None) -> dict:
     """The function behind the CLI (see `main` for the arguments); returns the trainer's summary."""
     lora, longlora = lora or LoraOptions(), longlora or LongLoraOptions()
-    preflight(train_cfg)  # a config error comes now, not after loading the model and tokenizing the data
+    plan = preflight(train_cfg)  # a config error comes now, not after loading the model and tokenizing the data
     rank0 = int(os.environ.get("RANK", 0)) == 0
     log = print if rank0 else (lambda *a, **k: None)
-    base = load_model(model)
+    # Full fine-tuning under ZeRO-3 never holds the whole model on a rank; LoRA keeps the replicated base (peft's
+    # adapters are built from whole Linear layers).
+    base = load_partitioned(model, plan.ds_config) if plan.zero_stage == 3 and mode == "full" else load_model(model)
     tokenizer = _tokenizer_or_none(model)
     if mode == "longlora":
         if longlora.context_factor is not None:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from llm.trainer import cut_at_stop
 from test_pretrain import DEBUG, clean_env, data_dir, deepspeed_cmd, losses  # noqa: F401 - data_dir: fixture
+from test_sft import chat_tokenizer, tiny_model  # noqa: F401 - chat_tokenizer: fixture
 
 DRIVER = r'''
 import json, sys
@@ -24,7 +25,7 @@ from llm.model import Transformer
 from llm.pretrain import partitioned_transformer, pretrain
 from llm.trainer import TrainConfig, preflight
 
-out_file, run_root, data = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+out_file, run_root, data, base = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 results = {}
 # zero.Init's weights, gathered, against the same seed's unpartitioned model (untied and tied embeddings)
 for tie in (False, True):
@@ -39,6 +40,22 @@ for tie in (False, True):
         with deepspeed.zero.GatheredParameters([p]):
             same.append(torch.equal(p.data, ref[name].data))
     results[f"init_tie{tie}"] = {"same": all(same), "n": len(same), "partitioned": all(empty)}
+# an HF directory loaded partitioned (llm.sft.load_partitioned) against load_model, then full SFT under ZeRO-3
+from llm.hf_format import load_model
+from llm.sft import load_partitioned, main as sft_main
+net = load_partitioned(base, plan.ds_config)
+ref = dict(load_model(base).named_parameters())
+same = []
+for name, p in net.named_parameters():
+    same.append(p.numel() == 0)
+    with deepspeed.zero.GatheredParameters([p]):
+        same.append(torch.equal(p.data, ref[name].data))
+results["load_partitioned"] = all(same) and len(same) > 20
+run_cli(sft_main, ["--model", base, "--data", "builtin:chatterbot", "--max_examples", "64", "--seq_len", "128",
+                   "--train.ds_config", "zero3", "--train.run_dir", f"{run_root}/sft", "--train.max_steps", "6",
+                   "--train.micro_batch_size", "4", "--train.lr", "3e-3", "--train.warmup_steps", "1",
+                   "--train.log_every", "1", "--train.eval_every", "100", "--train.eval_batches", "1",
+                   "--train.precision", "fp32", "--train.sample_tokens", "8"])
 common = ["--config", sys.argv[0].replace("driver.py", "debug.yaml"), "--data", data, "--train.max_steps", "12",
           "--train.eval_every", "6", "--train.sample_tokens", "12", "--train.sample_temperature", "0"]
 for run, stage in (("a", 3), ("b", 3), ("zero1", 1)):
@@ -49,11 +66,15 @@ if torch.distributed.get_rank() == 0:
 
 
 @pytest.fixture(scope="module")
-def zero3_runs(data_dir, tmp_path_factory) -> dict:  # noqa: F811 - the imported fixture
+def zero3_runs(data_dir, chat_tokenizer, tmp_path_factory) -> dict:  # noqa: F811 - the imported fixtures
+    from llm.hf_format import save_model
+
     base = tmp_path_factory.mktemp("zero3")
     (base / "driver.py").write_text(DRIVER)
     (base / "debug.yaml").write_text(Path(DEBUG).read_text())
-    r = subprocess.run(deepspeed_cmd(base / "driver.py", [base / "results.json", base, data_dir]), cwd=base,
+    model_dir = save_model(tiny_model(chat_tokenizer, seed=3), base / "hf", tokenizer=chat_tokenizer)
+    args = [base / "results.json", base, data_dir, model_dir]
+    r = subprocess.run(deepspeed_cmd(base / "driver.py", args), cwd=base,
                        env=clean_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     return {"base": base, "log": r.stdout + r.stderr, **json.loads((base / "results.json").read_text())}
@@ -79,6 +100,14 @@ def test_zero3_partitioned_training_is_deterministic_and_matches_zero1_names(zer
     assert "ZeRO-3" in zero3_runs["log"] and "training 0.00M" not in zero3_runs["log"]
     samples = (base / "a" / "samples.txt").read_text(encoding="utf-8")
     assert samples.count("## step") == 2  # evaluations at steps 6 and 12 decoded on both ranks and finished
+
+
+def test_hf_directory_loads_partitioned_and_full_sft_trains_under_zero3(zero3_runs):
+    assert zero3_runs["load_partitioned"], "gathered weights differ from load_model's (or a rank held one whole)"
+    run = zero3_runs["base"] / "sft"
+    train = [float(v) for _, v in losses(run)]
+    assert len(train) == 6 and train[-1] < train[0], train
+    assert (run / "final" / "model.safetensors").is_file()
 
 
 def test_cut_at_stop_equals_stopping_in_generate():
