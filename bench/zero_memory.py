@@ -1,14 +1,15 @@
 """Peak host memory per rank of pretraining under ZeRO 0-3 (DeepSpeed; Rajbhandari et al. 2020) on 2 CPU ranks.
 
-Each stage is one `deepspeed --num_gpus RANKS` launch of `llm/pretrain.py` (through a small driver) on a data dir
+Each config is one `deepspeed --num_gpus RANKS` launch of `llm/pretrain.py` (through a small driver) on a data dir
 built here from built-in Shakespeare (a 1,500-token tokenizer; the model keeps the preset's vocabulary size): a few
 steps of micro batch 1. Per rank it reports the peak RSS (ru_maxrss) over the training steps (taken when the final
 checkpoint starts; the evaluation at the end is included) and over the whole process (also the checkpoint and,
 on rank 0, the fp32 consolidation into final/). Issue 16's targets: ZeRO-2 below ZeRO-0, ZeRO-3 at most 0.6x
 ZeRO-0.
 
-    python bench/zero_memory.py                     # 125M, seq 256, 3 steps, stages 0 1 2 3
-    python bench/zero_memory.py --preset debug --stages '[0, 3]'
+    python bench/zero_memory.py                     # 125M, seq 256, 3 steps, ZeRO 0 1 2 3, fp32
+    python bench/zero_memory.py --precision bf16
+    python bench/zero_memory.py --preset debug --stages '[zero0, zero3, my_zero3.json]'
 """
 from __future__ import annotations
 
@@ -75,18 +76,24 @@ def _data(work: Path) -> Path:
     return work / "data"
 
 
-def zero_memory(preset: str = "125M", stages: tuple[int, ...] = (0, 1, 2, 3), ranks: int = 2, seq_len: int = 256,
-                steps: int = 3, micro_batch_size: int = 1, threads: int = 1, work_dir: str | None = None) -> dict:
-    """Print a table of per-rank peak RSS (GB) for each ZeRO stage, and return it.
+def zero_memory(preset: str = "125M", stages: tuple[str, ...] = ("zero0", "zero1", "zero2", "zero3"), ranks: int = 2,
+                seq_len: int = 256, steps: int = 3, micro_batch_size: int = 1, precision: str = "fp32",
+                threads: int = 1, malloc_mmap_threshold: int = 65536, work_dir: str | None = None) -> dict:
+    """Print a table of per-rank peak RSS (GB) for each DeepSpeed config, and return it.
 
     Args:
         preset: model preset (llm/config.py); its vocabulary size is kept (raised to the data's if smaller).
-        stages: ZeRO stages to run (ds_configs/zeroN.json), fp32.
+        stages: DeepSpeed configs to compare, the first as the baseline: names in ds_configs/ or JSON paths.
         ranks: CPU ranks (deepspeed --num_gpus).
         seq_len: tokens per sequence.
         steps: optimizer steps per run (a peak is reached in the first; more only cost time).
         micro_batch_size: sequences per rank per step (no accumulation).
+        precision: fp32 or bf16 (train.precision).
         threads: OMP_NUM_THREADS per rank.
+        malloc_mmap_threshold: glibc's MALLOC_MMAP_THRESHOLD_ for every rank (0 = glibc's default). glibc keeps
+            freed heap blocks in the process, so the peak RSS of the default allocator also counts fragmentation
+            (measured here: +0.4-0.8 GB under ZeRO-3); tensors of 64 kB and up in their own mappings are returned
+            when freed, and the peak is closer to what is live.
         work_dir: where data and runs go (default a temporary directory, removed at the end).
     """
     from llm.config import PRESETS
@@ -96,14 +103,16 @@ def zero_memory(preset: str = "125M", stages: tuple[int, ...] = (0, 1, 2, 3), ra
     data = work / "data" if (work / "data" / "meta.json").is_file() else _data(work)
     (work / "driver.py").write_text(DRIVER)
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV} | {"OMP_NUM_THREADS": str(threads)}
+    if malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(malloc_mmap_threshold)
     vocab = max(PRESETS[preset]["vocab_size"], json.loads((data / "meta.json").read_text())["vocab_size"])
     rows = {}
     try:
         for stage in stages:
-            run = work / f"zero{stage}"
+            run = work / f"run{len(rows)}"
             shutil.rmtree(run, ignore_errors=True)
             args = ["--preset", preset, "--model.vocab_size", vocab, "--data", data, "--seq_len", seq_len,
-                    "--train.run_dir", run, "--train.ds_config", f"zero{stage}", "--train.precision", "fp32",
+                    "--train.run_dir", run, "--train.ds_config", stage, "--train.precision", precision,
                     "--train.micro_batch_size", micro_batch_size, "--train.grad_accum", 1,
                     "--train.global_batch_size", "null", "--train.max_steps", steps,
                     "--train.warmup_steps", 0, "--train.log_every", 1, "--train.eval_every", 1 << 20,
@@ -116,7 +125,7 @@ def zero_memory(preset: str = "125M", stages: tuple[int, ...] = (0, 1, 2, 3), ra
             # A rank may still abort at interpreter exit ("terminate called without an active exception", from a
             # thread DeepSpeed leaves behind) after printing the numbers: those runs count, with their exit code.
             if line is None:
-                raise SystemExit(f"ZeRO-{stage} failed (exit {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+                raise SystemExit(f"{stage} failed (exit {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
             loss = [ln for ln in r.stdout.splitlines() if ln.startswith("step ") and "| loss" in ln]
             rows[stage] = {"peaks": json.loads(line[len("ZERO_MEMORY "):]), "s": time.time() - t0, "rc": r.returncode,
                            "last": loss[-1].split("|")[1].strip() if loss else ""}
@@ -125,14 +134,15 @@ def zero_memory(preset: str = "125M", stages: tuple[int, ...] = (0, 1, 2, 3), ra
         if work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
     base = max(p["train"] for p in rows[stages[0]]["peaks"])
-    print(f"{preset}, {ranks} CPU ranks, seq {seq_len}, micro batch {micro_batch_size}, {steps} steps, fp32, "
-          f"OMP_NUM_THREADS={threads}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{'stage':>6} | {'train peak GB per rank':>24} | {'x first':>7} | {'process peak GB per rank':>24} | "
+    print(f"{preset}, {ranks} CPU ranks, seq {seq_len}, micro batch {micro_batch_size}, {steps} steps, {precision}, "
+          f"OMP_NUM_THREADS={threads}, MALLOC_MMAP_THRESHOLD_={malloc_mmap_threshold or 'default'}; load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{'ds_config':>10} | {'train peak GB per rank':>24} | {'x first':>7} | {'process peak GB per rank':>24} | "
           f"{'s':>5} | exit | last step")
     for stage, row in rows.items():
         train = max(p["train"] for p in row["peaks"])
         per_rank = {k: " ".join(f"{p[k]:6.2f}" for p in row["peaks"]) for k in ("train", "process")}
-        print(f"ZeRO-{stage} | {per_rank['train']:>24} | {train / base:7.2f} | {per_rank['process']:>24} | "
+        print(f"{Path(stage).stem:>10} | {per_rank['train']:>24} | {train / base:7.2f} | {per_rank['process']:>24} | "
               f"{row['s']:5.0f} | {row['rc']:4d} | {row['last']}")
     return rows
 
