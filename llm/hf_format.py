@@ -75,10 +75,26 @@ def load_state_dict(path: str | os.PathLike, dtype: Optional[torch.dtype] = None
     return sd
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" = the GPU when torch can use one, else the CPU; "cuda" without a usable GPU is one clear error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device — use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: torch sees no usable GPU here (a CPU-only torch, or no driver) — use "
+                        "--device cpu (or auto)")
+    return device
+
+
 def load_model(path: str | os.PathLike, dtype: Optional[torch.dtype] = torch.float32, device="cpu",
                args: Optional[ModelArgs] = None, state_dict: Optional[dict[str, torch.Tensor]] = None) -> Transformer:
     """A `Transformer` with the weights of the Hugging Face Llama directory `path` (or `state_dict`, checked
-    against its config.json: llm.quant.load_quantized passes the dequantized weights of a GPTQ directory)."""
+    against its config.json: llm.quant.load_quantized passes the dequantized weights of a GPTQ directory).
+    device: cpu, cuda[:N] or auto (`resolve_device`)."""
+    device = resolve_device(device)
     path = Path(path)
     model_args, cfg = read_config(path)
     if cfg.get("quantization_config") and state_dict is None:

@@ -126,3 +126,26 @@ def test_compiled_decoding_equals_eager():
     assert generate(m, PROMPTS[:1], 40, compile=True) == eager[:1]
     assert counters["stats"]["unique_graphs"] > graphs  # it did compile
     assert len(set(map(tuple, eager))) == 3 and all(len(set(e)) > 3 for e in eager)  # not a constant output
+
+
+def test_device_auto_and_cuda_without_a_gpu(debug_dir, smollm2_dir):
+    """--device auto (the default of generate/chat/eval) takes the GPU when torch can use one, else the CPU;
+    --device cuda without one is a single clear line and a non-zero exit."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llm.hf_format import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert load_model(debug_dir, device="auto").lm_head.weight.device.type == resolve_device("auto").type
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(UserError, match="no usable GPU"):
+        resolve_device("cuda")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "generate.py"
+    r = subprocess.run([sys.executable, str(tool), "--model", str(smollm2_dir), "--prompt", "x", "--device", "cuda"],
+                       capture_output=True, text=True, timeout=120)
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert any("--device cuda" in line and "no usable GPU" in line for line in err), r.stderr

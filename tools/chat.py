@@ -24,7 +24,7 @@ from llm.tokenizer import Tokenizer
 
 def chat(model: str, system: Optional[str] = None, max_new_tokens: int = 256, temperature: float = 0.7,
          top_k: Optional[int] = None, top_p: Optional[float] = 0.9, repetition_penalty: float = 1.1,
-         seed: Optional[int] = None, compile: Union[bool, Literal["auto"]] = "auto", device: str = "cpu",
+         seed: Optional[int] = None, compile: Union[bool, Literal["auto"]] = "auto", device: str = "auto",
          dtype: Literal["float32", "bfloat16", "float16"] = "float32"):
     """Interactive chat.
 
@@ -38,7 +38,7 @@ def chat(model: str, system: Optional[str] = None, max_new_tokens: int = 256, te
         repetition_penalty: > 1 discourages repeating tokens already in the conversation.
         seed: random seed (a fixed seed replays the same conversation).
         compile: torch.compile the decode step: true, false, or auto (see tools/generate.py --help).
-        device: cpu or cuda.
+        device: auto (the GPU when torch can use one, else the CPU), cpu, or cuda[:N].
         dtype: weight dtype.
     """
     read_config(model)  # a clear error for a directory that is not a model, before anything else

@@ -53,7 +53,7 @@ def _report(result: dict, json: Optional[str]):
 
 
 def ppl(model: str, source: str, split: str = "val", ctx_len: Optional[int] = None, stride: Optional[int] = None,
-        max_tokens: Optional[int] = None, batch_size: int = 4, device: str = "cpu", dtype: Dtype = "float32",
+        max_tokens: Optional[int] = None, batch_size: int = 4, device: str = "auto", dtype: Dtype = "float32",
         json: Optional[str] = None):
     """Perplexity and bits per byte with sliding windows.
 
@@ -66,7 +66,7 @@ def ppl(model: str, source: str, split: str = "val", ctx_len: Optional[int] = No
             ctx_len - stride tokens before it.
         max_tokens: evaluate only the first this many tokens.
         batch_size: windows per forward pass.
-        device: cpu or cuda.
+        device: auto (the GPU when torch can use one, else the CPU), cpu, or cuda[:N].
         dtype: weight dtype.
         json: also write the result to this JSON file.
     """
@@ -88,7 +88,7 @@ def ppl(model: str, source: str, split: str = "val", ctx_len: Optional[int] = No
             json)
 
 
-def mc(model: str, task: str, limit: Optional[int] = None, batch_size: int = 16, device: str = "cpu",
+def mc(model: str, task: str, limit: Optional[int] = None, batch_size: int = 16, device: str = "auto",
        dtype: Dtype = "float32", json: Optional[str] = None):
     """Zero-shot multiple choice: accuracy (acc) and length-normalised accuracy (acc_norm).
 
@@ -98,7 +98,7 @@ def mc(model: str, task: str, limit: Optional[int] = None, batch_size: int = 16,
             .jsonl file with one {"context": str, "endings": [str, ...], "label": int} per line.
         limit: evaluate only the first this many questions.
         batch_size: questions per forward pass.
-        device: cpu or cuda.
+        device: auto (the GPU when torch can use one, else the CPU), cpu, or cuda[:N].
         dtype: weight dtype.
         json: also write the result to this JSON file.
     """
@@ -110,7 +110,7 @@ def mc(model: str, task: str, limit: Optional[int] = None, batch_size: int = 16,
 
 
 def passkey(model: str, lengths: list[int] = [256, 512, 1024], trials: int = 5, seed: int = 0,  # noqa: B006
-            batch_size: int = 1, device: str = "cpu", dtype: Dtype = "float32", json: Optional[str] = None):
+            batch_size: int = 1, device: str = "auto", dtype: Dtype = "float32", json: Optional[str] = None):
     """Passkey retrieval: a 5-digit number hidden in filler text at a random depth, asked back (greedy).
 
     Args:
@@ -119,7 +119,7 @@ def passkey(model: str, lengths: list[int] = [256, 512, 1024], trials: int = 5, 
         trials: prompts per length (different numbers and depths).
         seed: random seed for numbers and depths.
         batch_size: prompts decoded together.
-        device: cpu or cuda.
+        device: auto (the GPU when torch can use one, else the CPU), cpu, or cuda[:N].
         dtype: weight dtype.
         json: also write the result to this JSON file.
     """

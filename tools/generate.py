@@ -28,7 +28,7 @@ def main(model: str, prompt: Optional[str] = None, file: Optional[str] = None, m
          temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
          repetition_penalty: float = 1.0, stop: Optional[list[str]] = None, seed: Optional[int] = None,
          batch_size: int = 8, bos: bool = False, chat: bool = False, system: Optional[str] = None,
-         truncate: bool = False, compile: Union[bool, Literal["auto"]] = "auto", device: str = "cpu",
+         truncate: bool = False, compile: Union[bool, Literal["auto"]] = "auto", device: str = "auto",
          dtype: Literal["float32", "bfloat16", "float16"] = "float32", json: Optional[str] = None):
     """Continue each prompt and print the completions.
 
@@ -51,7 +51,7 @@ def main(model: str, prompt: Optional[str] = None, file: Optional[str] = None, m
         truncate: keep only the last tokens of a prompt longer than the context instead of failing.
         compile: torch.compile the one-token decode step (the same tokens). auto: when batch x max_new_tokens is
             large enough to repay the compilation (~20-40 s on a 2-core CPU the first time, seconds once cached).
-        device: cpu or cuda.
+        device: auto (the GPU when torch can use one, else the CPU), cpu, or cuda[:N].
         dtype: weight dtype.
         json: also write [{"prompt", "completion"}] to this file.
     """
