@@ -1,7 +1,8 @@
 """Running a typed function or dataclass as a command line (jsonargparse), with user errors reported cleanly.
 
 Every CLI of the toolkit goes through `run_cli`: `--config FILE.yaml`, `--print_config` and `--help` from the
-signature and docstrings; DeepSpeed's `--local_rank=N` accepted; a `UserError` printed as one line, exit 2.
+signature and docstrings; DeepSpeed's `--local_rank=N` accepted; a `UserError`, or an OSError about a path the
+user gave (no permission, a folder where a file is expected, ...), printed as one line, exit 2.
 """
 from __future__ import annotations
 
@@ -41,3 +42,20 @@ def run_cli(component: Callable | dict[str, Callable], args: list[str] | None = 
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError, FileExistsError) as e:
+        # a path the user gave (or its folder) that cannot be used as asked: one line, not a traceback
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+OS_ERROR_FIX = {PermissionError: "check its permissions, or choose a path you can write to",
+                IsADirectoryError: "give a file path, not a folder", NotADirectoryError: "a part of the path is a "
+                "file, not a folder — check the path", FileNotFoundError: "check the path",
+                FileExistsError: "choose another path"}
+
+
+def os_error_message(e: OSError) -> str:
+    """`path: what went wrong — what to do` for an OSError about a path."""
+    path = e.filename if e.filename is not None else "a path"
+    fix = next((f for cls, f in OS_ERROR_FIX.items() if isinstance(e, cls)), "check the path")
+    return f"{path}: {e.strerror or e} — {fix}"

@@ -264,3 +264,19 @@ def test_a_stale_lock_is_taken_over_with_a_warning(capsys, tmp_path):
     assert not (run / LOCK).exists()
     with RunLock(run):
         assert capsys.readouterr().err == ""  # no warning: nothing stale was left
+
+
+def test_os_errors_about_paths_are_one_line(tmp_path, capsys):
+    """run_cli turns an OSError about a path (a folder where a file is expected, a missing parent) into one line
+    naming the path, exit 2, no traceback."""
+    from llm.cli import run_cli
+
+    def write(path: str):
+        """Write a file."""
+        Path(path).write_text("x")
+
+    for target, words in ((tmp_path, "give a file path"), (tmp_path / "no" / "such" / "f.txt", "check the path")):
+        with pytest.raises(SystemExit) as e:
+            run_cli(write, ["--path", str(target)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and str(target) in err[0] and words in err[0], err
