@@ -9,10 +9,8 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import sys
 from typing import Literal, Optional, Union
 
-import torch
 
 CompileSetting = Literal["auto", "true", "false"]
 
@@ -20,8 +18,6 @@ CompileSetting = Literal["auto", "true", "false"]
 @functools.cache
 def compile_problem(device_type: str = "cpu") -> Optional[str]:
     """Why torch.compile cannot run on `device_type` here (one line), or None when it can."""
-    if sys.version_info >= (3, 14) and not hasattr(torch, "_dynamo"):
-        return "this Python is too new for torch.compile"
     if device_type == "cuda":
         try:
             import triton  # noqa: F401

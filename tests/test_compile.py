@@ -11,6 +11,7 @@ from llm.trainer import TrainConfig, preflight
 
 
 def test_compile_without_a_cxx_compiler_warns_and_runs_eagerly(monkeypatch, tmp_path, capsys):
+    import torch._inductor.config  # noqa: F401 - reads CXX once at import: not under the fake one below
     llm.compile.compile_problem.cache_clear()
     monkeypatch.setenv("PATH", str(tmp_path))  # no g++ / c++ here
     monkeypatch.setenv("CXX", "no-such-compiler")
