@@ -22,6 +22,7 @@ from llm.cli import UserError, run_cli
 from llm.corpora import iter_documents, parse_chunk, read_chunks
 from llm.data import PretrainDataset, check_tokenizer, prepare, read_meta
 from llm.tokenizer import Tokenizer
+from llm.tokenizer_train import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PREPARE = str(ROOT / "tools" / "prepare_data.py")
@@ -30,8 +31,7 @@ PREPARE = str(ROOT / "tools" / "prepare_data.py")
 @pytest.fixture(scope="session")
 def tok_path(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tok")
-    runpy.run_path(str(ROOT / "tools" / "train_tokenizer.py"))["train_tokenizer"](
-        out=str(d / "tokenizer.model"), vocab_size=1500, max_sentences=10_000, preset="debug")
+    train_tokenizer(out=str(d / "tokenizer.model"), vocab_size=1500, max_sentences=10_000, preset="debug")
     return d / "tokenizer.model"
 
 

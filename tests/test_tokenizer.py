@@ -1,17 +1,16 @@
 """Tokenizer: a sentencepiece BPE trained on the built-in bilingual corpus gives exactly the same ids through our
 `Tokenizer`, through the tokenizer.json it saves (the `tokenizers` library) and through transformers'
 `AutoTokenizer` on the saved directory; decode(encode(text)) is byte-exact; SmolLM2's tokenizer.json too."""
-import runpy
 from pathlib import Path
 
 import pytest
 
+from llm import tokenizer_train
 from llm.cli import UserError, run_cli
 from llm.corpora import iter_documents
 from llm.tokenizer import Tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = runpy.run_path(str(ROOT / "tools" / "train_tokenizer.py"))
+TRAIN = vars(tokenizer_train)
 
 # whitespace runs, tabs, digits, full-width digits, rare CJK and emoji (byte fallback), accents, the chat tokens
 # glued to text, sentencepiece's own control pieces typed as text, and the empty string
@@ -149,3 +148,16 @@ def test_bad_inputs(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err == f"error: {empty}: no text to train on — the input is empty"
     assert not (tmp_path / "t").exists() or not any((tmp_path / "t").iterdir())
+
+
+def test_failed_training_is_one_line_and_leaves_no_folder(tmp_path, capsys):
+    """sentencepiece's own error (source file, failed check) becomes one sentence with the fix; the folders the
+    failed training created are gone."""
+    out = tmp_path / "new" / "tok" / "tokenizer.model"
+    with pytest.raises(SystemExit) as e:
+        run_cli(TRAIN["train_tokenizer"], args=["--inputs", "builtin:poems", "--vocab_size", "200000",
+                                                "--max_sentences", "2000", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "Vocabulary size too high" in err and "--vocab_size" in err and ".cc(" not in err, err
+    assert not (tmp_path / "new").exists()
