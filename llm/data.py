@@ -12,6 +12,7 @@ never share a window.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import itertools
 import json
@@ -20,6 +21,7 @@ import os
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Union
 
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from llm.cli import UserError
+from llm.corpora import HELD_OUT_RULE, Chunk, expand_inputs, is_held_out, iter_documents, parse_chunk, read_chunks
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 META = "meta.json"
@@ -102,6 +105,56 @@ def check_tokenizer(meta: dict, vocab_size: int, tokenizer=None, data_dir: str |
                         "tools/prepare_data.py with this tokenizer")
 
 
+class Shards:
+    """The shards of one split as one virtual array of `tokens` token ids, read a slice at a time through np.memmap
+    (no shard is ever read whole)."""
+
+    def __init__(self, data_dir: Path, meta: dict, split: str):
+        shards = [sh for sh in meta["splits"][split]["shards"] if sh["tokens"] > 0]
+        self.files = [str(data_dir / sh["file"]) for sh in shards]
+        self.starts = np.concatenate([[0], np.cumsum([sh["tokens"] for sh in shards])]).astype(np.int64)
+        self.tokens = int(self.starts[-1])  # the global offset of each shard, then the total
+        self.dtype = DTYPES[meta["dtype"]]
+        self._maps = None
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        """n tokens from global offset `start` (memmap slices of one or more shards)."""
+        if self._maps is None:  # opened lazily so that DataLoader workers each open their own maps
+            self._maps = [np.memmap(f, dtype=self.dtype, mode="r") for f in self.files]
+        parts, end = [], start + n
+        s = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < end:
+            lo = start - self.starts[s]
+            hi = min(end, self.starts[s + 1]) - self.starts[s]
+            parts.append(self._maps[s][lo:hi])
+            start += hi - lo
+            s += 1
+        if len(parts) == 1:
+            return np.array(parts[0])
+        return np.concatenate(parts) if parts else np.zeros(0, self.dtype)
+
+    def __getstate__(self):  # memmaps are opened again in the receiving process
+        return {**self.__dict__, "_maps": None}
+
+
+def split_tokens(data_dir: str | os.PathLike, split: str, max_tokens: Optional[int] = None,
+                 vocab_size: Optional[int] = None, tokenizer=None) -> tuple[np.ndarray, int]:
+    """(int64 token ids, UTF-8 bytes they encode) of the first `max_tokens` tokens of `split` of a prepared data
+    dir, checked by `read_meta` (and `check_tokenizer` when `vocab_size` is given). A prefix's bytes are the
+    split's average bytes per token times its length."""
+    d = Path(data_dir)
+    meta = read_meta(d)
+    if vocab_size is not None:
+        check_tokenizer(meta, vocab_size, tokenizer, d)
+    if split not in meta["splits"]:
+        raise UserError(f"{d / META}: no split {split!r} (have {', '.join(meta['splits'])})")
+    info = meta["splits"][split]
+    shards = Shards(d, meta, split)
+    n = shards.tokens if max_tokens is None else min(max_tokens, shards.tokens)
+    ids = shards.read(0, n).astype(np.int64)
+    return ids, info["bytes"] if n == shards.tokens else round(info["bytes"] * n / max(shards.tokens, 1))
+
+
 class PretrainDataset(torch.utils.data.Dataset):
     """Windows (x, y) of `seq_len` tokens (y = x shifted by one) over all shards of `split` in `data_dir`.
 
@@ -122,20 +175,17 @@ class PretrainDataset(torch.utils.data.Dataset):
                             "(--val_fraction > 0 for a validation split)")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        info = self.meta["splits"][split]
         self.split, self.seq_len, self.seed, self.rank, self.world_size = split, seq_len, seed, rank, world_size
-        self.files = [str(self.data_dir / sh["file"]) for sh in info["shards"] if sh["tokens"] > 0]
-        counts = [sh["tokens"] for sh in info["shards"] if sh["tokens"] > 0]
-        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # global offset of each shard
-        self.tokens = int(self.starts[-1])
+        self.shards = Shards(self.data_dir, self.meta, split)
+        self.tokens = self.shards.tokens
         self.n_windows = (self.tokens - 1) // seq_len if self.tokens else 0
         if self.n_windows < world_size:
             raise UserError(f"{self.data_dir / META}: split {split!r} has {self.tokens} tokens, fewer than "
                             f"{world_size} window(s) of seq_len+1={seq_len + 1} — lower seq_len or add data")
+        info = self.meta["splits"][split]
         self.bytes_per_token = info["bytes"] / max(info["tokens"], 1)
         self.epoch = 0
         self._perm = None
-        self._maps = None
 
     def set_epoch(self, epoch: int):
         if epoch != self.epoch:
@@ -151,19 +201,8 @@ class PretrainDataset(torch.utils.data.Dataset):
         return int(self._perm[i * self.world_size + self.rank])
 
     def read(self, start: int, n: int) -> np.ndarray:
-        """n tokens from global offset `start` (memmap slices of one or two shards)."""
-        if self._maps is None:  # opened lazily so that DataLoader workers each open their own maps
-            dtype = DTYPES[self.meta["dtype"]]
-            self._maps = [np.memmap(f, dtype=dtype, mode="r") for f in self.files]
-        parts, end = [], start + n
-        s = int(np.searchsorted(self.starts, start, side="right")) - 1
-        while start < end:
-            lo = start - self.starts[s]
-            hi = min(end, self.starts[s + 1]) - self.starts[s]
-            parts.append(self._maps[s][lo:hi])
-            start += hi - lo
-            s += 1
-        return np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
+        """n tokens from global offset `start` of the split."""
+        return self.shards.read(start, n)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= i < len(self):
@@ -179,8 +218,8 @@ class PretrainDataset(torch.utils.data.Dataset):
         p = counts[counts > 0] / counts.sum()
         return float(-(p * np.log(p)).sum())
 
-    def __getstate__(self):  # memmaps and the permutation are rebuilt in the receiving process
-        return {**self.__dict__, "_maps": None, "_perm": None}
+    def __getstate__(self):  # the permutation is rebuilt in the receiving process
+        return {**self.__dict__, "_perm": None}
 
 
 # --- writing shards (tools/prepare_data.py) ---------------------------------------------------------------------
@@ -196,32 +235,40 @@ def _init_worker(tokenizer_path: str, cfg: dict):
     _WORKER.update(cfg, tok=Tokenizer(tokenizer_path))
 
 
-def _encode_task(task: list[tuple]) -> tuple:
-    """Tokenize one task (in a worker): a list of chunks of `_tasks`, all of files or one of a built-in corpus.
-    Returns the ids of all documents, each followed by eos, as one array, plus per-document token counts, UTF-8
-    bytes, content hashes (dedupe) and the train/val decision, the task's raw bytes and its count of byte-fragment
-    tokens: all the per-token work happens here, the parent only writes."""
-    from llm.corpora import parse_chunk
+@dataclass
+class _Encoded:
+    """One task's documents, tokenized (in a worker): all the per-token work happens there, the parent only
+    writes."""
+    ids: np.ndarray  # the ids of all documents, each followed by eos
+    lens: np.ndarray  # tokens per document
+    nbytes: np.ndarray  # UTF-8 bytes per document
+    hashes: np.ndarray  # content hash per document (uint64), for dedupe
+    is_val: np.ndarray  # the held-out decision per document
+    raw_bytes: int  # the task's input bytes
+    byte_fragments: int  # tokens that are byte fragments
 
+
+def _encode_task(task: list[Chunk]) -> _Encoded:
+    """Tokenize one task of `_tasks`: chunks of files, or one chunk of a built-in corpus's documents (whose split
+    the corpus decides; files are split here by `is_held_out` of the content)."""
     tok, dtype = _WORKER["tok"], DTYPES[_WORKER["dtype"]]
-    builtin = task[0][0] == "docs"
-    docs = task[0][2] if builtin else [d for c in task for d in parse_chunk(c, _WORKER["text_key"])]
+    builtin = task[0].kind == "docs"
+    docs = [d for c in task for d in parse_chunk(c, _WORKER["text_key"])]
     raw = [d.encode("utf-8") for d in docs]
     enc = tok.encode_batch(docs, eos=True, numpy=True)  # int32 arrays: no Python int per token
-    lens = np.fromiter(map(len, enc), np.int64, len(enc))
     ids = np.concatenate(enc).astype(dtype, copy=False) if enc else np.zeros(0, dtype)
-    nbytes = np.fromiter(map(len, raw), np.int64, len(raw))
-    split_by_hash = not builtin and _WORKER["val_fraction"] > 0
-    digests = [hashlib.blake2b(b, digest_size=8).digest() for b in raw] if _WORKER["dedupe"] or split_by_hash else []
-    hashes = np.frombuffer(b"".join(digests), np.uint64) if digests else np.zeros(0, np.uint64)
-    if not split_by_hash:  # built-in corpora come with their own held-out documents
-        is_val = np.full(len(docs), builtin and task[0][3] == "val")
-    else:  # a keyed hash of the content: deterministic for a seed, independent of order and worker count
-        salt = _WORKER["seed"].to_bytes(16, "little")
-        u = [int.from_bytes(hashlib.blake2b(h, digest_size=8, salt=salt).digest(), "little") for h in digests]
-        is_val = np.array(u, dtype=np.float64) < _WORKER["val_fraction"] * 2.0**64
-    n_byte = int(np.count_nonzero(tok.is_byte_fragment[ids]))  # as count_byte_fragments, without an int64 copy
-    return ids, lens, nbytes, hashes, is_val, sum(c[4] for c in task), n_byte
+    if _WORKER["dedupe"]:
+        hashes = np.frombuffer(b"".join(hashlib.blake2b(b, digest_size=8).digest() for b in raw), np.uint64)
+    else:
+        hashes = np.zeros(0, np.uint64)
+    if builtin:
+        is_val = np.full(len(docs), task[0].split == "val")
+    else:
+        share, seed = _WORKER["val_fraction"], _WORKER["seed"]
+        is_val = np.fromiter((is_held_out(b, share, seed) for b in raw), bool, len(raw))
+    return _Encoded(ids, np.fromiter(map(len, enc), np.int64, len(enc)), np.fromiter(map(len, raw), np.int64, len(raw)),
+                    hashes, is_val, sum(c.raw_bytes for c in task),
+                    int(np.count_nonzero(tok.is_byte_fragment[ids])))  # as count_byte_fragments, no int64 copy
 
 
 class _ShardWriter:
@@ -258,18 +305,16 @@ class _ShardWriter:
         return {"shards": self.shards, **{k: sum(s[k] for s in self.shards) for k in ("tokens", "documents", "bytes")}}
 
 
-def _tasks(files: list[str], txt_docs: str, chunk_bytes: int) -> Iterator[list[tuple]]:
+def _tasks(files: list[str], txt_docs: str, chunk_bytes: int) -> Iterator[list[Chunk]]:
     """Work for the tokenizing processes: lists of chunks of about `chunk_bytes` (the chunks of small files are
     grouped, so a folder of many small files is not one inter-process round trip per file); a built-in corpus's
     documents come in chunks of one split each."""
-    from llm.corpora import iter_documents, read_chunks
-
     group, size = [], 0
     for src in files:
         if not src.startswith("builtin:"):
             for chunk in read_chunks(src, txt_docs, chunk_bytes):
                 group.append(chunk)
-                size += chunk[4]
+                size += chunk.raw_bytes
                 if size >= chunk_bytes:
                     yield group
                     group, size = [], 0
@@ -284,7 +329,7 @@ def _tasks(files: list[str], txt_docs: str, chunk_bytes: int) -> Iterator[list[t
                     docs.append(d)
                     n += len(d)
                 if docs and (d is None or n >= chunk_bytes // 4):
-                    yield [("docs", src, docs, split, sum(len(x.encode("utf-8")) for x in docs))]
+                    yield [Chunk("docs", src, docs, 0, sum(len(x.encode("utf-8")) for x in docs), split)]
                     docs, n = [], 0
     if group:
         yield group
@@ -308,6 +353,115 @@ def _remove_dead_builds(out_dir: Path):
             pass  # no readable owner file (not ours, or just created): leave it
 
 
+def _open_tokenizer(tokenizer: str, dtype: str):
+    """(Tokenizer, token dtype on disk) — or one line saying why this tokenizer cannot write shards."""
+    from llm.tokenizer import Tokenizer
+
+    if not Path(tokenizer).is_file():
+        raise UserError(f"{tokenizer}: tokenizer not found — train one first: `python tools/train_tokenizer.py` "
+                        "(writes data/tokenizer/tokenizer.model) or pass --tokenizer")
+    tok = Tokenizer(tokenizer)
+    if tok.eos_id is None:
+        raise UserError(f"{tokenizer}: the tokenizer has no eos token, which separates documents in the shards")
+    auto = dtype_for_vocab(tok.vocab_size)
+    dtype = auto if dtype == "auto" else dtype
+    if tok.vocab_size > np.iinfo(DTYPES[dtype]).max + 1:
+        raise UserError(f"{tokenizer}: vocabulary of {tok.vocab_size} tokens does not fit --dtype {dtype} — use "
+                        f"--dtype {auto} (or auto)")
+    return tok, dtype
+
+
+def _up_to_date(out_dir: Path, params: dict, sources: list[dict], overwrite: bool) -> Optional[dict]:
+    """The meta of `out_dir` when it already holds this build (and --overwrite is off); None when it is to be
+    built. A data directory of ours built otherwise is an error without --overwrite."""
+    from llm import writer
+
+    if not out_dir.is_dir() or overwrite or writer.owner(out_dir) != "data":
+        return None
+    meta = read_meta(out_dir)
+    if meta.get("params") == params and meta.get("sources") == sources:
+        print(f"{out_dir}: up to date ({meta['splits']['train']['tokens']:,} train tokens); --overwrite rebuilds it")
+        return meta
+    raise UserError(f"{out_dir}: already holds data built from other inputs or settings — pass --overwrite "
+                    "to replace it, or choose another --out")
+
+
+@contextlib.contextmanager
+def _building(out_dir: Path, used: list, overwrite: bool) -> Iterator[Path]:
+    """A hidden temporary directory next to `out_dir`, renamed into place (llm.writer) when the block ends and
+    deleted when it fails — kill -TERM included, which is turned into KeyboardInterrupt like Ctrl-C."""
+    from llm import writer
+
+    _remove_dead_builds(out_dir)
+    tmp = writer.temp_dir(out_dir)
+    (tmp / ".owner_pid").write_text(str(os.getpid()))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the data dir is an ordinary directory
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield tmp
+        (tmp / ".owner_pid").unlink()
+        writer.commit_dir(tmp, out_dir, "data", used, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+
+
+@contextlib.contextmanager
+def _encoder(workers: int, tok_path: str, cfg: dict):
+    """A function tasks -> their `_Encoded` results in order: in this process for one worker, else by a pool of
+    `workers` processes with a bounded number of tasks in flight, terminated if the block fails."""
+    if workers == 1:
+        _init_worker(tok_path, cfg)
+        yield lambda tasks: map(_encode_task, tasks)
+        return
+    pool = mp.Pool(workers, initializer=_init_worker, initargs=(tok_path, cfg))
+    try:
+        yield lambda tasks: _bounded_imap(pool, _encode_task, tasks, 2 * workers)
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.close()
+        pool.join()
+
+
+@dataclass
+class _Counts:
+    tokens: int = 0  # kept (after dedupe)
+    seen: int = 0  # all tokenized
+    byte_fragments: int = 0  # among all tokenized
+    dropped: int = 0  # duplicate documents
+
+
+def _write_shards(results: Iterator[_Encoded], writers: dict[str, _ShardWriter], dedupe: bool, bar) -> _Counts:
+    """Write each result's documents to its train / val shards, dropping repeated contents if `dedupe`."""
+    seen: set[int] = set()
+    counts = _Counts()
+    t0 = time.perf_counter()
+    for r in results:
+        keep = np.ones(len(r.lens), bool)
+        if dedupe:
+            for i, h in enumerate(r.hashes.tolist()):
+                keep[i] = h not in seen
+                seen.add(h)
+            counts.dropped += int((~keep).sum())
+        for split, mask in (("train", keep & ~r.is_val), ("val", keep & r.is_val)):
+            if mask.all():
+                writers[split].write(r.ids, r.lens, r.nbytes)
+            elif mask.any():
+                writers[split].write(r.ids[np.repeat(mask, r.lens)], r.lens[mask], r.nbytes[mask])
+        counts.tokens += int(r.lens[keep].sum())
+        counts.byte_fragments += r.byte_fragments
+        counts.seen += len(r.ids)
+        bar.update(r.raw_bytes)
+        bar.set_postfix_str(f"{counts.tokens / (time.perf_counter() - t0):,.0f} tokens/s", refresh=False)
+    return counts
+
+
 def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
             tokenizer: str = "data/tokenizer/tokenizer.model", text_key: str = "text",
             txt_docs: Literal["blank_line", "line", "file"] = "blank_line", val_fraction: float = 0.005, seed: int = 0,
@@ -324,7 +478,7 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
         text_key: field of jsonl records / column of parquet files that holds the text.
         txt_docs: how .txt files split into documents: at blank lines, one per line, or one per file.
         val_fraction: share of documents held out for validation, chosen by a hash of the content with `seed`
-            (built-in corpora use their own held-out documents).
+            (llm.corpora.is_held_out; built-in corpora use their own held-out documents).
         seed: seed of the train/val assignment.
         dedupe: drop exact duplicate documents (by content hash); the count dropped is reported.
         dtype: token dtype on disk; auto = uint16 when the vocabulary fits, else uint32.
@@ -338,120 +492,58 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
     """
     from tqdm import tqdm
 
-    from llm.corpora import expand_inputs
     from llm import writer
-    from llm.tokenizer import Tokenizer
 
     inputs = ["builtin:demo"] if inputs is None else [inputs] if isinstance(inputs, str) else list(inputs)
-    out_dir = Path(out)
-    tok_path = Path(tokenizer)
-    if not tok_path.is_file():
-        raise UserError(f"{tokenizer}: tokenizer not found — train one first: `python tools/train_tokenizer.py` "
-                        "(writes data/tokenizer/tokenizer.model) or pass --tokenizer")
-    tok = Tokenizer(tok_path)
-    if tok.eos_id is None:
-        raise UserError(f"{tokenizer}: the tokenizer has no eos token, which separates documents in the shards")
-    auto = dtype_for_vocab(tok.vocab_size)
-    dtype = auto if dtype == "auto" else dtype
-    if tok.vocab_size > np.iinfo(DTYPES[dtype]).max + 1:
-        raise UserError(f"{tokenizer}: vocabulary of {tok.vocab_size} tokens does not fit --dtype {dtype} — use "
-                        f"--dtype {auto} (or auto)")
+    out_dir, tok_path = Path(out), Path(tokenizer)
+    tok, dtype = _open_tokenizer(tokenizer, dtype)
     if not 0 <= val_fraction < 1:
         raise UserError(f"val_fraction={val_fraction}: must be in [0, 1)")
     files = expand_inputs(inputs)
     params = {"tokenizer_sha256": tok.sha256, "text_key": text_key, "txt_docs": txt_docs, "val_fraction": val_fraction,
               "seed": seed, "dedupe": dedupe, "dtype": dtype, "max_shard_tokens": max_shard_tokens}
     sources = _sources(files)
-    # llm.writer decides what may be replaced: only a data directory of ours, never one holding an input
-    used = [*files, tok_path]
+    used = [*files, tok_path]  # llm.writer decides what may be replaced: never a folder holding one of these
     writer.check_inputs(out_dir, used)
-    if out_dir.is_dir() and not overwrite and writer.owner(out_dir) == "data":
-        meta = read_meta(out_dir)
-        if meta.get("params") == params and meta.get("sources") == sources:
-            print(f"{out_dir}: up to date ({meta['splits']['train']['tokens']:,} train tokens); "
-                  "--overwrite rebuilds it")
-            return meta
-        raise UserError(f"{out_dir}: already holds data built from other inputs or settings — pass --overwrite "
-                        "to replace it, or choose another --out")
+    if (meta := _up_to_date(out_dir, params, sources, overwrite)) is not None:
+        return meta
     writer.check_dir(out_dir, "data", used, overwrite)
 
     workers = workers or len(os.sched_getaffinity(0))
     cfg = {"text_key": text_key, "seed": seed, "val_fraction": val_fraction, "dtype": dtype, "dedupe": dedupe}
     total = None if any(f.startswith("builtin:") for f in files) else sum(s["size"] for s in sources)
-    _remove_dead_builds(out_dir)
-    tmp = writer.temp_dir(out_dir)
-    (tmp / ".owner_pid").write_text(str(os.getpid()))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the data dir is an ordinary directory
-    pool = None
-    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)  # kill -TERM cleans up like Ctrl-C
+    if chunk_mb is None:
+        chunk_mb = min(1.0, max(0.25, (total or 2**22) / 2**20 / (16 * workers)))
     t0 = time.perf_counter()
-    try:
+    with _building(out_dir, used, overwrite) as tmp, _encoder(workers, str(tok_path), cfg) as encode:
         writers = {s: _ShardWriter(tmp, s, max_shard_tokens) for s in ("train", "val")}
-        seen: set[int] = set()
-        dropped = 0
-        if chunk_mb is None:
-            chunk_mb = min(1.0, max(0.25, (total or 2**22) / 2**20 / (16 * workers)))
-        tasks = _tasks(files, txt_docs, int(chunk_mb * 2**20))
-        if workers == 1:
-            _init_worker(str(tok_path), cfg)
-            results = map(_encode_task, tasks)
-        else:
-            pool = mp.Pool(workers, initializer=_init_worker, initargs=(str(tok_path), cfg))
-            results = _bounded_imap(pool, _encode_task, tasks, 2 * workers)
-        n_tokens = n_seen = n_byte = 0
-        # closed (its line finished) before an error message is printed
+        # the bar is closed (its line finished) before an error message is printed
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing into {out_dir}", smoothing=0.1) as bar:
-            for ids, lens, nbytes, hashes, is_val, raw, n_frag in results:
-                keep = np.ones(len(lens), bool)
-                if dedupe:
-                    for i, h in enumerate(hashes.tolist()):
-                        keep[i] = h not in seen
-                        seen.add(h)
-                    dropped += int((~keep).sum())
-                for split, mask in (("train", keep & ~is_val), ("val", keep & is_val)):
-                    if mask.all():
-                        writers[split].write(ids, lens, nbytes)
-                    elif mask.any():
-                        writers[split].write(ids[np.repeat(mask, lens)], lens[mask], nbytes[mask])
-                n_tokens += int(lens[keep].sum())
-                n_byte += n_frag
-                n_seen += len(ids)
-                bar.update(raw)
-                bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):,.0f} tokens/s", refresh=False)
+            counts = _write_shards(encode(_tasks(files, txt_docs, int(chunk_mb * 2**20))), writers, dedupe, bar)
         splits = {s: w.close() for s, w in writers.items()}
         if not splits["train"]["tokens"]:
             raise UserError(f"{', '.join(inputs)}: no training documents — the input is empty"
                             + (" (or every document went to validation)" if splits["val"]["tokens"] else ""))
         meta = {"tokenizer": str(tok_path.resolve()), "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size,
                 "eos_id": tok.eos_id, "dtype": dtype, "splits": splits, "sources": sources, "seed": seed,
-                "duplicates_dropped": dropped, "byte_fragment_share": round(n_byte / max(n_seen, 1), 4),
-                "params": params, "complete": True}
+                "held_out_rule": HELD_OUT_RULE, "duplicates_dropped": counts.dropped,
+                "byte_fragment_share": round(counts.byte_fragments / max(counts.seen, 1), 4), "params": params,
+                "complete": True}
         # meta.json last: its presence with "complete": true is what marks the build as usable
         (tmp / META).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
-        (tmp / ".owner_pid").unlink()
-        writer.commit_dir(tmp, out_dir, "data", used, overwrite)
-    except BaseException:
-        if pool is not None:
-            pool.terminate()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-        if pool is not None:
-            pool.close()
-            pool.join()
-    dt = time.perf_counter() - t0
-    mb = sum(s["bytes"] for s in splits.values()) / 1e6
+    _report(out_dir, splits, counts, time.perf_counter() - t0, workers, dedupe)
+    if warning := tok.coverage_warning(counts.byte_fragments, counts.seen, ", ".join(inputs)):
+        print(warning)
+    return meta
+
+
+def _report(out_dir: Path, splits: dict, counts: _Counts, seconds: float, workers: int, dedupe: bool):
     for s, info in splits.items():
         print(f"{out_dir}: {s}: {info['tokens']:,} tokens, {info['documents']:,} documents, "
               f"{len(info['shards'])} shard(s), {info['bytes'] / max(info['tokens'], 1):.2f} bytes/token")
-    print(f"{mb:.1f} MB of text in {dt:.1f} s ({mb / dt:.2f} MB/s, {n_tokens / dt:,.0f} tokens/s, {workers} "
-          f"worker(s)){f'; {dropped:,} duplicate documents dropped' if dedupe else ''}")
-    if warning := tok.coverage_warning(n_byte, n_seen, ", ".join(inputs)):
-        print(warning)
-    return meta
+    mb = sum(s["bytes"] for s in splits.values()) / 1e6
+    print(f"{mb:.1f} MB of text in {seconds:.1f} s ({mb / seconds:.2f} MB/s, {counts.tokens / seconds:,.0f} tokens/s, "
+          f"{workers} worker(s)){f'; {counts.dropped:,} duplicate documents dropped' if dedupe else ''}")
 
 
 def _raise_interrupt(signum, frame):

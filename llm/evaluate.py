@@ -116,24 +116,11 @@ def corpus_tokens(source: str, tokenizer, split: str = "val", max_tokens: Option
             ids += doc_ids
             n_bytes += len(doc.encode("utf-8"))
         return np.asarray(ids, dtype=np.int64), n_bytes
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
+    if not (path / "meta.json").is_file():
         raise UserError(f"{source}: not a text file, a data directory with meta.json, or builtin:NAME")
-    meta = json.loads(meta_file.read_text())
-    if split not in meta.get("splits", {}):
-        raise UserError(f"{meta_file}: no split {split!r} (have {', '.join(meta.get('splits', {}))})")
-    if vocab_size is not None:
-        from llm.data import check_tokenizer
+    from llm.data import split_tokens
 
-        check_tokenizer(meta, vocab_size, tokenizer, data_dir=path)
-    info = meta["splits"][split]
-    parts = [np.memmap(path / s["file"], dtype=np.dtype(meta["dtype"]), mode="r") for s in info["shards"]]
-    ids = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
-    n_bytes = info["bytes"]
-    if max_tokens is not None and len(ids) > max_tokens:
-        n_bytes = round(n_bytes * max_tokens / len(ids))  # the split's average bytes per token
-        ids = ids[:max_tokens]
-    return ids, n_bytes
+    return split_tokens(path, split, max_tokens, vocab_size, tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------- multiple choice

@@ -7,7 +7,7 @@ import collections
 import gzip
 import json
 import math
-import runpy
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from llm.cli import UserError, run_cli
-from llm.corpora import iter_documents, parse_chunk, read_chunks
+from llm.corpora import HELD_OUT_RULE, Chunk, is_held_out, iter_documents, parse_chunk, read_chunks
 from llm.data import PretrainDataset, check_tokenizer, prepare, read_meta
 from llm.tokenizer import Tokenizer
 from llm.tokenizer_train import train_tokenizer
@@ -96,13 +96,15 @@ def test_round_trip_every_format(tok_path, docs, tmp_path):
 
 def test_txt_documents_and_val_split(tok_path, docs, tmp_path):
     tok = Tokenizer(tok_path)
-    blocks = [d.strip("\n") for d in docs if "\n\n" not in d.strip("\n") and d.strip()]
+    blocks = [d.strip("\n") for d in docs if not re.search(r"\n[ \t]*\n", d.strip("\n")) and d.strip()]
     (tmp_path / "a.txt").write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
     out = tmp_path / "blank"
     prepare([str(tmp_path / "a.txt")], out=str(out), tokenizer=str(tok_path), val_fraction=0.3, seed=1,
             chunk_mb=0.005)
     train, val = _decode_docs(out, "train", tok), _decode_docs(out, "val", tok)
     assert sorted(train + val) == sorted(blocks) and 0 < len(val) < len(blocks) / 2
+    assert val == [b for b in blocks if is_held_out(b, 0.3, seed=1)]  # the one held-out rule, in input order
+    assert read_meta(out)["held_out_rule"] == HELD_OUT_RULE
     out2 = tmp_path / "blank2"  # same seed, other worker count and chunking: the same split
     prepare([str(tmp_path / "a.txt")], out=str(out2), tokenizer=str(tok_path), val_fraction=0.3, seed=1, workers=1)
     assert _decode_docs(out2, "val", tok) == val
@@ -117,9 +119,9 @@ def test_txt_documents_and_val_split(tok_path, docs, tmp_path):
 def _chunked_docs(path: Path, txt_docs: str, chunk_bytes: int) -> list[str]:
     chunks = list(read_chunks(str(path), txt_docs, chunk_bytes))
     data = path.read_bytes()
-    assert b"".join(c[2] for c in chunks) == data  # every byte once, in order
-    starts = np.cumsum([0] + [len(c[2]) for c in chunks])[:-1]
-    assert [c[3] for c in chunks] == [1 + data.count(b"\n", 0, a) for a in starts]  # first line numbers
+    assert b"".join(c.payload for c in chunks) == data  # every byte once, in order
+    starts = np.cumsum([0] + [len(c.payload) for c in chunks])[:-1]
+    assert [c.first_line for c in chunks] == [1 + data.count(b"\n", 0, a) for a in starts]  # first line numbers
     return [d for c in chunks for d in parse_chunk(c)]
 
 
@@ -136,7 +138,7 @@ def test_txt_chunks_hold_whole_documents(tmp_path):
     for text in texts:
         f.write_text(text, encoding="utf-8")
         for txt_docs in ("blank_line", "line"):
-            whole = parse_chunk((f"txt:{txt_docs}", str(f), text.encode(), 1, 0))
+            whole = parse_chunk(Chunk(f"txt:{txt_docs}", str(f), text.encode(), 1, 0))
             for chunk_bytes in (1, 2, 3, 7, 64, 1 << 20):
                 assert _chunked_docs(f, txt_docs, chunk_bytes) == whole, (text, txt_docs, chunk_bytes)
     # what the issue's files look like: paragraphs of lines, blank lines between; a paragraph longer than a chunk
@@ -145,7 +147,7 @@ def test_txt_chunks_hold_whole_documents(tmp_path):
     for chunk_bytes in (100, 999, 4096):
         chunks = list(read_chunks(str(f), "blank_line", chunk_bytes))
         assert [d for c in chunks for d in parse_chunk(c)] == docs
-        assert max(len(c[2]) for c in chunks) <= 2 * chunk_bytes + max(len(d.encode()) + 2 for d in docs)
+        assert max(len(c.payload) for c in chunks) <= 2 * chunk_bytes + max(len(d.encode()) + 2 for d in docs)
 
 
 def test_worker_counts_give_identical_shards(tok_path, docs, tmp_path):
@@ -397,3 +399,19 @@ def test_byte_fragment_share_warns_on_text_the_vocabulary_lacks(tok_path, tmp_pa
         assert meta["byte_fragment_share"] == pytest.approx(share, abs=1e-4)
         out = capsys.readouterr().out
         assert (f"{share:.1%} of {src}'s tokens are byte fragments" in out) == warned, (name, share, out[-300:])
+
+
+def test_one_held_out_rule_for_all_data():
+    """Built-in corpora, chats and labelled texts are all split by `is_held_out` of their key, at their share."""
+    from llm.sft_sources import iter_chats, load_chats, load_labelled
+
+    from llm.corpora import _shakespeare
+
+    plays = list(_shakespeare())
+    val = list(iter_documents("builtin:shakespeare", "val"))
+    assert val == [d for d in plays if is_held_out(d, 0.05)] and 0.03 < len(val) / len(plays) < 0.07
+    keys = {w: key for w, key, _, _, _ in iter_chats("builtin:idioms")}
+    held = load_chats("builtin:idioms", "val", 0.1)
+    assert held and all(is_held_out(keys[w], 0.1) for w, _ in held)
+    texts = load_labelled("builtin:sentiment", None)
+    assert load_labelled("builtin:sentiment", "val") == [(t, y) for t, y in texts if is_held_out(t, 0.1)]

@@ -1,4 +1,4 @@
-"""The token cache of fine-tuning data (llm/sft_data.py): cached datasets equal the plain per-chat tokenization
+"""The token cache of fine-tuning data (llm/sft_cache.py): cached datasets equal the plain per-chat tokenization
 item by item (packed, unpacked, truncated, split, subset; classification), a second load tokenizes nothing, the
 key follows the data file and the tokenizer, an interrupted build is never taken as complete, and two processes
 building at once get the same data from one build."""
@@ -9,11 +9,12 @@ import random
 import numpy as np
 import pytest
 
-import llm.sft_data as sft_data
+import llm.sft_cache as sft_cache
 from llm.chat import IGNORE_INDEX, tokenize_chat
 from llm.cli import UserError
-from llm.sft_data import (ClassifyDataset, SFTDataset, load_chats, load_labelled, tokenized_chats,
-                          tokenized_labelled)
+from llm.sft_cache import tokenized_chats, tokenized_labelled
+from llm.sft_data import ClassifyDataset, SFTDataset
+from llm.sft_sources import load_chats, load_labelled
 from test_sft import chat_tokenizer  # noqa: F401 - shared fixture
 
 
@@ -124,7 +125,7 @@ def test_second_load_reads_the_cache(chat_tokenizer, chats_file, monkeypatch):  
     def no_build(*a, **k):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(sft_data, "_write_chats", no_build)
+    monkeypatch.setattr(sft_cache, "write_chats", no_build)
     again = tokenized_chats(chat_tokenizer, str(chats_file))
     assert again.directory == first.directory and (again.directory / "meta.json").stat().st_mtime_ns == stamp
     assert isinstance(again.tokens, np.memmap)
@@ -168,13 +169,13 @@ def _build_in_child(tok_path, data, queue):
     from llm.tokenizer import Tokenizer
 
     built = []
-    write = sft_data._write_chats
+    write = sft_cache.write_chats
 
     def counting(*a, **k):
         built.append(1)
         return write(*a, **k)
 
-    sft_data._write_chats = counting
+    sft_cache.write_chats = counting
     src = tokenized_chats(Tokenizer.from_file(tok_path), data)
     queue.put((len(built), {k: np.array(v).tobytes() for k, v in src.arrays.items()}))
 
@@ -204,7 +205,7 @@ def test_config_errors_come_before_any_data_work(tmp_path, monkeypatch):
     def no_data(*a, **k):
         raise AssertionError("data read before the config was checked")
 
-    monkeypatch.setattr(sft_data, "_cache_dir", no_data)
+    monkeypatch.setattr(sft_cache, "_cache_dir", no_data)
     cfg = TrainConfig(run_dir=str(tmp_path / "run"), max_steps=5, warmup_steps=10)
     with pytest.raises(UserError, match="warmup_steps=10"):
         sft.sft(str(tmp_path / "no-model"), str(tmp_path / "chats.jsonl"), cfg)
