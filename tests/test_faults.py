@@ -314,3 +314,165 @@ def test_every_bad_input_gets_one_clear_line(data_dir, reference, tmp_path):
             failures.append(f"{name}: rc {r.returncode}, want {want}\n  {r.stderr.strip()[-1500:]}")
     assert not failures, "\n".join(failures)
     assert not (tmp_path / "q").exists() and not (tmp_path / "c").exists() and not (tmp_path / "d1").exists()
+
+
+# ----------------------------------------------------------------------------------------------- 2-rank kill -9
+# The real launcher (`deepspeed --num_gpus 2`, 2 CPU ranks on gloo) SIGKILLed as a whole process group — the
+# `deepspeed` runner, its launcher and both ranks — at a chosen point, then resumed with `--train.resume auto` to
+# the end: final/model.safetensors must equal the uninterrupted run's bit for bit. The kill point is made exact by
+# PAUSE_HOOK, a sitecustomize.py put on the killed launch's PYTHONPATH only: inside the ranks it stops a rank (and
+# writes a marker file) at the chosen point, without changing any computation, and the test then kills the group.
+PAUSE_HOOK = r'''
+import os
+_spec = os.environ.get("FAULTS_PAUSE")
+if _spec and "LOCAL_RANK" in os.environ:  # the ranks only (not the runner or launcher)
+    import pathlib, time
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    _what, _arg = _spec.split(":", 1)
+    _marker = pathlib.Path(os.environ["FAULTS_MARKER"])
+
+    def _pause(where):
+        _marker.with_name(_marker.name + ".rank" + os.environ["RANK"]).write_text(where)
+        if os.environ["RANK"] == "0":
+            _marker.write_text(where)
+        time.sleep(3600)
+
+    if _what == "step":  # inside training step N, after its backward, before the optimizer changes a weight
+        def _pre_hook(opt, args, kwargs):  # DeepSpeed may call step() once per parameter group: the first
+            done = {int(s["step"]) for s in opt.state.values() if "step" in s} or {0}  # updates per group so far
+            if done == {int(_arg) - 1}:
+                _pause(f"the optimizer step of training step {_arg}")
+
+        register_optimizer_step_pre_hook(_pre_hook)
+    elif _what == "save":  # in the middle of writing checkpoint step_N: after this rank's first file of it
+        _save, _tag = torch.save, f"step_{int(_arg):08d}"
+
+        def _paused_save(obj, f, *a, **k):
+            out = _save(obj, f, *a, **k)
+            if isinstance(f, (str, os.PathLike)) and pathlib.Path(f).parent.name == _tag:
+                _pause(f"saving {f}")
+            return out
+
+        torch.save = _paused_save
+'''
+DS_STEPS = 8  # checkpoints every 2 steps
+
+
+def ds_launch(script, args, cwd: Path, log: Path, pause: str = "", port: int = 0) -> subprocess.Popen:
+    """`deepspeed --num_gpus 2 --master_port PORT script args` in its own process group; with `pause`
+    ("step:N" / "save:N") the ranks load PAUSE_HOOK."""
+    import socket
+
+    if not port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    env = dict(ENV)
+    if pause:
+        (cwd / "hook").mkdir(parents=True, exist_ok=True)
+        (cwd / "hook" / "sitecustomize.py").write_text(PAUSE_HOOK)
+        env |= {"FAULTS_PAUSE": pause, "FAULTS_MARKER": str(cwd / "paused"),
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(cwd / "hook"), env.get("PYTHONPATH")]))}
+    cmd = [str(Path(PY).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(port), str(script),
+           *map(str, args)]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def ds_run(script, args, cwd: Path, log: Path, timeout=240) -> str:
+    p = ds_launch(script, args, cwd, log)
+    try:
+        rc = p.wait(timeout=timeout)
+    finally:
+        kill_group(p)
+    out = log.read_text()
+    assert rc == 0, out[-4000:]
+    return out
+
+
+def kill_group(p: subprocess.Popen, timeout=30):
+    """SIGKILL every process of the launch's group (runner, launcher, ranks) and wait until none is left."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait(timeout=timeout)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(p.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"processes of group {p.pid} survived SIGKILL")
+
+
+def kill_at(script, args, cwd: Path, log: Path, pause: str, timeout=180) -> str:
+    """Launch with the pause hook, SIGKILL the whole group once rank 0 has paused there; return what it paused in."""
+    p = ds_launch(script, args, cwd, log, pause=pause)
+    marker = cwd / "paused"
+    deadline = time.time() + timeout
+    try:
+        while not marker.is_file():
+            if p.poll() is not None or time.time() > deadline:
+                pytest.fail(f"never reached {pause} (rc {p.poll()}):\n{log.read_text()[-4000:]}")
+            time.sleep(0.02)
+        time.sleep(0.2)  # let the other rank reach its own pause point (or block on rank 0) too
+    finally:
+        kill_group(p)
+    assert p.returncode == -signal.SIGKILL
+    where = marker.read_text()
+    for m in cwd.glob("paused*"):
+        m.unlink()
+    return where
+
+
+def ds_pretrain_args(data: Path, run: Path, stage: int, *extra) -> list[str]:
+    return ["--config", DEBUG, "--data", data, "--train.run_dir", run, "--train.ds_config", f"zero{stage}",
+            "--train.max_steps", DS_STEPS, "--train.save_every", 2, "--train.keep_checkpoints", 2,
+            "--train.eval_every", 1000, "--train.sample_prompts", "[]", *extra]
+
+
+@pytest.fixture(scope="module")
+def ds_reference(data_dir, tmp_path_factory):
+    """The uninterrupted 2-rank run at each ZeRO stage, made on first use."""
+    runs = {}
+
+    def get(stage: int) -> Path:
+        if stage not in runs:
+            base = tmp_path_factory.mktemp(f"faults-ds-ref{stage}")
+            ds_run(ROOT / "llm" / "pretrain.py", ds_pretrain_args(data_dir, base / "run", stage), base,
+                   base / "log.txt")
+            runs[stage] = base / "run"
+        return runs[stage]
+
+    return get
+
+
+@pytest.mark.parametrize("stage,fault", [(2, "step"), (2, "save"), (3, "step"), (3, "save")])
+def test_two_rank_sigkill_then_resume_gives_the_same_weights(data_dir, ds_reference, tmp_path, stage, fault):
+    """ZeRO-2 / ZeRO-3 on 2 ranks, killed -9 mid-step 5 (inside the optimizer step: step 5 is lost, the step-4
+    checkpoint is complete) or in the middle of writing the step-6 checkpoint (one file of it on disk, no
+    trainer_state.json); `--train.resume auto` then ends bit-identical to the uninterrupted run."""
+    run = tmp_path / "run"
+    script = ROOT / "llm" / "pretrain.py"
+    pause = {"step": "step:5", "save": "save:6"}[fault]
+    where = kill_at(script, ds_pretrain_args(data_dir, run, stage), tmp_path, tmp_path / "log1.txt", pause)
+    print(f"killed -9 while paused in {where}")
+    assert not (run / "final").exists()
+    ck = run / "checkpoints"
+    if fault == "save":
+        assert "step_00000006" in where and (ck / "step_00000006").is_dir()
+        assert not (ck / "step_00000006" / "trainer_state.json").exists()  # an interrupted save
+    assert complete_steps(run)[-1] == 4
+    out = ds_run(script, ds_pretrain_args(data_dir, run, stage, "--train.resume", "auto"), tmp_path,
+                 tmp_path / "log2.txt")
+    if fault == "save":
+        assert f"skipping checkpoint {ck / 'step_00000006'}" in out, out[-4000:]
+    assert f"resumed from {ck / 'step_00000004'} (step 4" in out, out[-4000:]
+    assert "Traceback" not in out
+    same_weights(run, ds_reference(stage))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == DS_STEPS and summary["skipped_steps"] == 0
