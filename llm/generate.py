@@ -21,6 +21,33 @@ from llm.compile import CompileSetting, resolve
 StreamFn = Callable[[int, int], None]  # (row, token id), called for every token kept in the output
 
 
+def check_settings(temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                   repetition_penalty: float = 1.0, max_new_tokens: Optional[int] = None,
+                   context: Optional[int] = None) -> None:
+    """A `UserError` naming the flag for a generation setting out of range (NaN included). With `max_new_tokens`
+    and `context` (the model's max_seq_len): max_new_tokens must be in [1, context] (a prompt of n tokens leaves
+    room for context - n + 1 new ones: the last is sampled from the last position and never fed)."""
+    checks = [  # flag, value, in range, the range
+        ("max_new_tokens", max_new_tokens, lambda x: x >= 1, "must be at least 1"),
+        ("temperature", temperature, lambda x: x >= 0, "must be >= 0 (0 = greedy)"),
+        ("top_k", top_k, lambda x: x >= 0, "must be >= 0 (0 = no top-k filtering)"),
+        ("top_p", top_p, lambda x: 0 < x <= 1, "must be in (0, 1] (1 = no nucleus filtering)"),
+        ("repetition_penalty", repetition_penalty, lambda x: x > 0, "must be > 0 (1 = no penalty)"),
+    ]
+    for flag, value, ok, rule in checks:
+        if value is None:
+            continue
+        try:
+            number = float(value)  # a command line may hand over "nan" as a string
+        except (TypeError, ValueError):
+            raise UserError(f"--{flag} {value!r}: not a number") from None
+        if not ok(number):
+            raise UserError(f"--{flag} {value}: {rule}")
+    if max_new_tokens is not None and context is not None and max_new_tokens > context:
+        raise UserError(f"--max_new_tokens {max_new_tokens}: more than the model's context of {context} tokens "
+                        f"(prompt included) — use at most {context}")
+
+
 def process_logits(logits: torch.Tensor, history: torch.Tensor, temperature: float = 1.0,
                    top_k: Optional[int] = None, top_p: Optional[float] = None,
                    repetition_penalty: float = 1.0) -> torch.Tensor:
@@ -56,8 +83,10 @@ def sample(logits: torch.Tensor, history: torch.Tensor, temperature: float = 0.0
 
 def _stop_cut(tokenizer, out: list[int], stop_strings: Sequence[str]) -> Optional[int]:
     """If the text of `out` now contains a stop string, the number of tokens to keep (before it); else None."""
-    longest = max(len(s) for s in stop_strings)
-    tail = tokenizer.decode(out[-(longest + 2):])  # a string of n characters spans at most n (+ partial) tokens
+    # every token holds at least one byte, so a string of n UTF-8 bytes spans at most n tokens (one more: a
+    # tokenizer may drop the leading space of the first token it decodes)
+    longest = max(len(s.encode("utf-8")) for s in stop_strings)
+    tail = tokenizer.decode(out[-(longest + 1):])
     if not any(s in tail for s in stop_strings):
         return None
     keep = len(out)
@@ -106,9 +135,12 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
     decode step ("auto": when the decoding is long enough to repay the compilation, see `_compile_pays`); the
     tokens are the same either way.
     """
+    check_settings(temperature, top_k, top_p, repetition_penalty)
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts:
         return []
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the output")
     context = max_context or model.args.max_seq_len
@@ -121,12 +153,16 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
                                 "or pass --truncate to keep only its last tokens")
             prompts[i] = p[-max(1, context - max_new_tokens):]
     B, T = len(prompts), max(len(p) for p in prompts)
-    total = min(T + max_new_tokens, context)
+    # Row b's positions are its cache slots - pad[b], so a shorter (more padded) prompt gets as many new tokens as
+    # it would alone: up to the slot context + pad[b], where its last token is sampled (and never fed).
+    pads = [T - len(p) for p in prompts]
+    last_slot = [context + n for n in pads]
+    total = min(T + max_new_tokens, max(last_slot))
     # The cache is sized in buckets of CACHE_BUCKET slots: the decode step sees a few static shapes (each compiled
     # once) and attends over at most CACHE_BUCKET - 1 empty slots.
-    cache_len = min(-(-total // CACHE_BUCKET) * CACHE_BUCKET, context)
+    cache_len = min(-(-total // CACHE_BUCKET) * CACHE_BUCKET, max(last_slot))
     device = model.model.embed_tokens.weight.device
-    pad = torch.tensor([T - len(p) for p in prompts], device=device)  # (B,) left pad per row
+    pad = torch.tensor(pads, device=device)  # (B,) left pad per row
     tokens = torch.tensor([[p[0]] * (T - len(p)) + p for p in prompts], device=device)  # (B, T); pads repeat p[0]
     padded = bool(pad.any())
     slots = torch.arange(cache_len, device=device)
@@ -145,7 +181,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
         """position_ids and mask for tokens written at cache slots pos (t,)."""
         position_ids = mask = None
         if padded:
-            position_ids = (pos[None, :] - pad[:, None]).clamp(min=0)  # (B, t)
+            # (B, t); a finished row past its context keeps being fed (ignored) at its last position
+            position_ids = (pos[None, :] - pad[:, None]).clamp(0, context - 1)
             if use_cache:  # the model adds causality over the cache slots
                 mask = real[:, None, None, :]  # (B, 1, 1, S)
                 if full_mask:
@@ -184,7 +221,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
                 if stop_strings and (keep := _stop_cut(tokenizer, out[b], stop_strings)) is not None:
                     del out[b][keep:]
                     done[b] = True
-                elif len(out[b]) >= max_new_tokens:
+                elif len(out[b]) >= max_new_tokens or pos >= last_slot[b]:
                     done[b] = True
             if all(done) or pos == total:
                 break
@@ -204,18 +241,37 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempe
 
 
 class TextStream:
-    """A `stream` callback that writes one row's text as it grows (holding back half-decoded UTF-8 characters)."""
+    """A `stream` callback that writes one row's text as it grows: never part of a character (`StreamDecoder`
+    holds back an incomplete UTF-8 byte sequence), and never the start of a stop string (text that may begin one
+    is held until it cannot, and nothing from a stop string on is written). Call `finish()` after `generate`:
+    it writes what is still held, without a trailing incomplete character."""
 
-    def __init__(self, tokenizer, write: Callable[[str], object], row: int = 0):
-        self.tokenizer, self.write, self.row = tokenizer, write, row
-        self.ids: list[int] = []
-        self.shown = 0
+    def __init__(self, tokenizer, write: Callable[[str], object], row: int = 0, stop_strings: Sequence[str] = ()):
+        from llm.tokenizer import StreamDecoder
+
+        self.decoder, self.write, self.row = StreamDecoder(tokenizer), write, row
+        self.stop_strings = [s for s in stop_strings if s]
+        self.pending = ""  # decoded text not yet written (it may start a stop string)
+        self.stopped = False
 
     def __call__(self, row: int, token: int):
-        if row != self.row:
-            return
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if not text.endswith("\ufffd") and len(text) > self.shown:
-            self.write(text[self.shown:])
-            self.shown = len(text)
+        if row == self.row and not self.stopped:
+            self._show(self.decoder.push(token), final=False)
+
+    def finish(self):
+        rest = self.decoder.finish()
+        if not self.stopped:
+            self._show(rest, final=True)
+        self.pending, self.stopped = "", False
+
+    def _show(self, text: str, final: bool):
+        text = self.pending + text
+        hits = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
+        if hits:
+            text, self.stopped = text[:min(hits)], True
+        keep = 0 if final or self.stopped else max(
+            (n for s in self.stop_strings for n in range(min(len(s) - 1, len(text)), 0, -1)
+             if text.endswith(s[:n])), default=0)
+        self.pending = text[len(text) - keep:]
+        if len(text) > keep:
+            self.write(text[:len(text) - keep])

@@ -22,6 +22,8 @@ from typing import Iterable, Optional
 from llm.cli import UserError
 
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+REPLACEMENT = "\ufffd"  # what decoding renders an incomplete or invalid UTF-8 byte sequence as
+MAX_PARTIAL_TOKENS = 3  # an incomplete UTF-8 character is at most 3 bytes, so at most 3 tokens
 BYTE_FRAGMENT_WARN = 0.05  # above this share of byte fragments the vocabulary does not fit the text
 # ChatML, the same format llm/chat.py renders; written to tokenizer_config.json for `apply_chat_template`.
 CHAT_TEMPLATE = (
@@ -38,10 +40,22 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _file_in(d: Path) -> Path:
+    """The tokenizer file of the folder `d`: tokenizer.model, else tokenizer.json."""
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (d / name).is_file():
+            return d / name
+    raise UserError(f"{d}: no tokenizer.model or tokenizer.json in the directory — save the model with a "
+                    "tokenizer (save_model(..., tokenizer=...)) or copy the tokenizer files next to config.json")
+
+
 class Tokenizer:
     """Text <-> token ids. Build with `Tokenizer.from_file(path)` or `Tokenizer.from_dir(model_dir)`."""
 
     def __init__(self, path: str | os.PathLike):
+        """path: a tokenizer.model / tokenizer.json, or a folder holding one (tokenizer.model first)."""
+        if Path(path).is_dir():
+            path = _file_in(Path(path))
         self.path = str(Path(path).resolve())
         if not Path(self.path).is_file():
             raise UserError(f"{path}: tokenizer file not found — train one with `python tools/train_tokenizer.py` "
@@ -60,12 +74,7 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike) -> "Tokenizer":
-        d = Path(model_dir)
-        for name in ("tokenizer.model", "tokenizer.json"):
-            if (d / name).is_file():
-                return cls(d / name)
-        raise UserError(f"{d}: no tokenizer.model or tokenizer.json in the directory — save the model with a "
-                        "tokenizer (save_model(..., tokenizer=...)) or copy the tokenizer files next to config.json")
+        return cls(_file_in(Path(model_dir)))
 
     # --- backends -----------------------------------------------------------------------------------------------
     def _init_sp(self):
@@ -106,6 +115,11 @@ class Tokenizer:
         self.unk_id = special("unk_token", "<unk>")
 
     # --- API ----------------------------------------------------------------------------------------------------
+    @property
+    def pad_or_eos(self) -> int:
+        """The id batches are padded with: <pad>, or </s> for a tokenizer without one (SmolLM2's)."""
+        return self.pad_id if self.pad_id is not None else self.eos_id
+
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.sp.encode(text) if self.sp is not None else self.hf.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
@@ -136,6 +150,20 @@ class Tokenizer:
         user-defined symbols and come back as text. A tokenizer.json renders every token (as transformers does)."""
         ids = [int(i) for i in ids]
         return self.sp.decode(ids) if self.sp is not None else self.hf.decode(ids, skip_special_tokens=False)
+
+    def decode_complete(self, ids: Iterable[int]) -> str:
+        """`decode(ids)` without a character cut off at the end: text decoded from ids that stop inside a UTF-8
+        byte sequence (byte-fallback pieces such as <0xE5>, or byte-level BPE tokens) ends in U+FFFD; the longest
+        text of ids losing at most the last MAX_PARTIAL_TOKENS that does not end in U+FFFD is returned instead.
+        (More trailing U+FFFD than that come from invalid bytes, and stay.) For generated text cut by a token
+        budget, and what `StreamDecoder` shows in total."""
+        ids = [int(i) for i in ids]
+        text = self.decode(ids)
+        for k in range(1, min(MAX_PARTIAL_TOKENS, len(ids)) + 1):
+            if not text.endswith(REPLACEMENT):
+                break
+            text = self.decode(ids[:-k])
+        return text if not text.endswith(REPLACEMENT) else self.decode(ids)
 
     def token_to_id(self, token: str) -> Optional[int]:
         if self.sp is not None:
@@ -221,6 +249,44 @@ class Tokenizer:
         (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
         (d / "special_tokens_map.json").write_text(json.dumps(names, indent=2, ensure_ascii=False) + "\n")
         return written + [d / "tokenizer_config.json", d / "special_tokens_map.json"]
+
+
+class StreamDecoder:
+    """Text of a token stream, piece by piece, never showing part of a character (vLLM's incremental detokenizer).
+
+    `push(ids)` returns the text the new ids complete: it decodes a short window of the latest ids and holds the
+    text back while it ends in U+FFFD (a character whose UTF-8 bytes are split over several byte-fallback or
+    byte-level tokens, e.g. <0xE5><0x82><0xBC> = 傼). `finish()` returns what is still held, without a trailing
+    incomplete character. Everything pushed and finished, joined, equals `tokenizer.decode_complete(all ids)`.
+    The window starts where an earlier piece ended (a character boundary), and its text is taken relative to the
+    decoded text before that point, so tokenizers that drop the leading space of the first token decode alike.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # the window (ids decoded each step) starts here
+        self.read = 0  # ids before this are shown
+        self.prefix_text = ""  # decode(ids[prefix:read])
+
+    def push(self, ids: int | Iterable[int]) -> str:
+        """Add one id or several; the text they complete ("" while a character is still incomplete)."""
+        self.ids.extend(map(int, ids) if isinstance(ids, Iterable) else [int(ids)])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) <= len(self.prefix_text) or text.endswith(REPLACEMENT):
+            return ""
+        new = text[len(self.prefix_text):]
+        self.prefix, self.read = self.read, len(self.ids)
+        # decoded on its own, as the next window will be (its first token may lose a leading space there)
+        self.prefix_text = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        return new
+
+    def finish(self) -> str:
+        """The text of the ids still held, without a trailing incomplete character; then start over."""
+        text = self.tokenizer.decode_complete(self.ids[self.prefix:]) if len(self.ids) > self.read else ""
+        new = text[len(self.prefix_text):]
+        self.__init__(self.tokenizer)
+        return new
 
 
 def _tokenizers_from_sentencepiece(model_file: str):

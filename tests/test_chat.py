@@ -84,3 +84,35 @@ def test_chat_cli_answers(smollm2_dir):
     replies = [line for line in r.stdout.splitlines() if line.strip()]
     assert len(replies) == 1 and "Paris" in replies[0], r.stdout
     assert "(conversation reset)" in r.stderr
+
+
+def test_chat_cli_exit_status(sp_dir, tmp_path, monkeypatch, capsys):
+    """A message too long for the context gets one error line, the chat goes on, and the exit status is 1; a bad
+    setting is one line and exit status 2, before the model is read."""
+    import io
+
+    import torch
+
+    from llm.cli import run_cli
+    from llm.config import ModelArgs
+    from llm.hf_format import save_model
+    from llm.model import Transformer
+
+    tok = Tokenizer.from_dir(sp_dir)
+    torch.manual_seed(0)
+    model_dir = save_model(Transformer(ModelArgs.from_preset("debug", vocab_size=tok.vocab_size)), tmp_path / "m",
+                           tokenizer=tok)  # context 128
+    chat = runpy.run_path(str(ROOT / "tools" / "chat.py"))["chat"]
+    args = ["--model", str(model_dir), "--temperature", "0", "--max_new_tokens", "4", "--compile", "false"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n" + "长" * 300 + "\nok\n"))
+    assert run_cli(chat, args=args) == 1
+    out, err = capsys.readouterr()
+    assert "error: that message is" in err and "1 message(s) got no reply" in err, err
+    assert out.count("\n") >= 2  # the two other messages got replies, each ended by a newline
+    monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n"))
+    assert run_cli(chat, args=args) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(chat, args=args + ["--top_p", "2"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == \
+        "error: --top_p 2: must be in (0, 1] (1 = no nucleus filtering)"

@@ -95,11 +95,14 @@ def test_stop_strings_and_text_stream(smollm2_dir):
     assert "Rome" in full
     stop = full[full.index("Rome"):][:4]
     pieces = []
-    out = generate(model, [prompt], 12, stop_strings=["xyz-never", stop], tokenizer=tok,
-                   stream=TextStream(tok, pieces.append))
-    text = tok.decode(out[0])
+    stream = TextStream(tok, pieces.append, stop_strings=["xyz-never", stop])
+    out = generate(model, [prompt], 12, stop_strings=["xyz-never", stop], tokenizer=tok, stream=stream)
+    stream.finish()
+    text = tok.decode_complete(out[0])
     assert stop not in text and full.startswith(text) and full[len(text):].lstrip().startswith(stop)
-    assert "".join(pieces).startswith(text)  # streamed before the stop string was complete
+    # streamed: all the text before the stop string (a token holding its first characters may hold a space before
+    # them, which the returned ids lose), and none of it
+    assert "".join(pieces) == full[:full.index(stop)] and "".join(pieces).rstrip() == text.rstrip()
 
 
 def test_bad_prompts(model):
@@ -110,6 +113,45 @@ def test_bad_prompts(model):
         generate(model, [long], 4)
     out = generate(model, [long], 4, truncate=True)
     assert out == generate(model, [long[-(model.args.max_seq_len - 4):]], 4)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top_p", "1.5"], "--top_p 1.5: must be in (0, 1]"), (["--top_p", "0"], "--top_p 0: must be in (0, 1]"),
+    (["--temperature", "-0.5"], "--temperature -0.5: must be >= 0"), (["--top_k", "-1"], "--top_k -1: must be >= 0"),
+    (["--top_p", "nan"], "--top_p nan: must be in (0, 1]"),
+    (["--repetition_penalty", "0"], "--repetition_penalty 0: must be > 0"),
+    (["--max_new_tokens", "0"], "--max_new_tokens 0: must be at least 1"),
+    (["--max_new_tokens", "129"], "--max_new_tokens 129: more than the model's context of 128 tokens (prompt "
+                                  "included) — use at most 128"),
+])
+def test_generate_cli_rejects_bad_settings(debug_dir, capsys, flags, message):
+    """One line naming the flag, exit status 2, before the model or its tokenizer is read (debug_dir has none)."""
+    import runpy
+    from pathlib import Path
+
+    from llm.cli import run_cli
+
+    main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "generate.py"))["main"]
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, args=["--model", str(debug_dir), "--prompt", "x", "--max_new_tokens", "8", *flags])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
+
+
+def test_each_row_runs_to_its_own_context(model):
+    """A short prompt batched with a long one still gets every new token its context leaves (context - n + 1: the
+    last is sampled at the last position), as it would alone, with and without the cache."""
+    prompts = [[5], [5, 6] * 5, [7] * 127]  # the debug model's context is 128
+    alone = [generate(model, [p], 500)[0] for p in prompts]
+    assert [len(a) for a in alone] == [128, 119, 2]
+    assert generate(model, prompts, 500) == alone == generate(model, prompts, 500, use_cache=False)
+
+
+def test_generate_rejects_bad_sampling(model):
+    for kw, flag in [({"temperature": -1.0}, "--temperature"), ({"top_p": 1.01}, "--top_p"), ({"top_k": -2}, "--top_k")]:
+        with pytest.raises(UserError, match=flag):
+            generate(model, PROMPTS, 4, **kw)
+    assert generate(model, PROMPTS, 0) == [[], [], []]
 
 
 def test_compiled_decoding_equals_eager():

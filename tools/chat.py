@@ -5,7 +5,9 @@
 
 Commands: /reset forgets the conversation (keeps --system), /exit quits (so does end of input). When stdin is not
 a terminal every line is one user message and each reply is printed on its own line, so the chat can be
-scripted. Prompts use the one chat template of llm/chat.py, the same ids SFT trained on.
+scripted; the exit status is 1 if a message got no reply (one too long for the model's context), 2 for a bad
+setting. Prompts use the one chat template of llm/chat.py, the same ids SFT trained on. Replies stream without
+ever showing part of a character (llm.tokenizer.StreamDecoder).
 """
 from __future__ import annotations
 
@@ -16,9 +18,8 @@ import torch
 
 from llm.chat import tokenize_chat
 from llm.cli import run_cli
-from llm.evaluate import load_any
-from llm.generate import TextStream, generate
-from llm.hf_format import read_config
+from llm.generate import TextStream, check_settings, generate
+from llm.hf_format import load_model, read_config
 from llm.tokenizer import Tokenizer
 
 
@@ -31,23 +32,24 @@ def chat(model: str, system: Optional[str] = None, max_new_tokens: int = 256, te
     Args:
         model: Hugging Face Llama directory with its tokenizer (an SFT'd or instruct model answers best).
         system: system message that starts every conversation.
-        max_new_tokens: the longest reply, in tokens.
-        temperature: 0 = greedy (deterministic); higher = more varied.
-        top_k: sample only among the k most likely tokens.
-        top_p: nucleus sampling mass.
-        repetition_penalty: > 1 discourages repeating tokens already in the conversation.
+        max_new_tokens: the longest reply, in tokens (less than the model's context).
+        temperature: >= 0; 0 = greedy (deterministic); higher = more varied.
+        top_k: sample only among the k most likely tokens (0 = all).
+        top_p: nucleus sampling mass, in (0, 1].
+        repetition_penalty: > 0; > 1 discourages repeating tokens already in the conversation.
         seed: random seed (a fixed seed replays the same conversation).
         compile: torch.compile the decode step: true, false, or auto (see tools/generate.py --help).
         device: auto (the GPU when torch can use one, else the CPU), cpu, or cuda[:N].
         dtype: weight dtype.
     """
-    read_config(model)  # a clear error for a directory that is not a model, before anything else
+    context = read_config(model)[0].max_seq_len  # a clear error for a directory that is not a model, first
+    check_settings(temperature, top_k, top_p, repetition_penalty, max_new_tokens, context)
     tokenizer = Tokenizer.from_dir(model)
-    net = load_any(model, dtype=getattr(torch, dtype), device=device)
+    net = load_model(model, dtype=getattr(torch, dtype), device=device)
     interactive = sys.stdin.isatty()
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
-    context = net.args.max_seq_len
+    failed = 0  # turns that ended in an error: the exit status is 1 if any did
     if interactive:
         print(f"chatting with {model} — /reset to start over, /exit to quit", file=sys.stderr)
     turn = 0
@@ -76,15 +78,21 @@ def chat(model: str, system: Optional[str] = None, max_new_tokens: int = 256, te
             print(f"error: that message is {len(ids)} tokens; the model's context is {context} — shorten it",
                   file=sys.stderr)
             history.pop()
+            failed += 1
             continue
         stream = TextStream(tokenizer, lambda s: print(s, end="", flush=True))
         out = generate(net, [ids], min(max_new_tokens, context - len(ids)), temperature=temperature, top_k=top_k,
                        top_p=top_p, repetition_penalty=repetition_penalty, stop_ids=tokenizer.stop_ids,
                        seed=None if seed is None else seed + turn, stream=stream, compile=compile)[0]
+        stream.finish()
         print(flush=True)
-        history.append({"role": "assistant", "content": tokenizer.decode(out).strip()})
+        history.append({"role": "assistant", "content": tokenizer.decode_complete(out).strip()})
         turn += 1
+    if failed:
+        print(f"error: {failed} message(s) got no reply (see above)", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    run_cli(chat)
+    sys.exit(run_cli(chat))

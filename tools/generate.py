@@ -4,7 +4,11 @@
     python tools/generate.py --model DIR --file prompts.txt --temperature 0.8 --top_p 0.95 --seed 0 --json out.json
     python tools/generate.py --model DIR --chat true --prompt "What is 2+2?" --stop+ "."   # chat template
 
-Batched, KV-cached decoding (llm/generate.py, after gpt-fast); a single prompt streams to stdout.
+Batched, KV-cached decoding (llm/generate.py, after gpt-fast); a single prompt streams to stdout. Streamed and
+final text never hold part of a character (a completion cut inside a character's UTF-8 bytes drops them) nor a
+stop string. A setting out of range (--top_p outside (0, 1], a negative --temperature or --top_k, --max_new_tokens
+above the model's context) is one line on stderr and exit status 2; a prompt that leaves less room than
+--max_new_tokens gets a warning (its completion stops at the end of the context).
 """
 from __future__ import annotations
 
@@ -18,9 +22,8 @@ import torch
 
 from llm.chat import tokenize_chat
 from llm.cli import UserError, run_cli
-from llm.evaluate import load_any
-from llm.generate import TextStream, generate
-from llm.hf_format import read_config
+from llm.generate import TextStream, check_settings, generate
+from llm.hf_format import load_model, read_config
 from llm.tokenizer import Tokenizer
 
 
@@ -36,11 +39,12 @@ def main(model: str, prompt: Optional[str] = None, file: Optional[str] = None, m
         model: Hugging Face Llama directory (ours, converted from GGUF, SFT-merged or GPTQ) with its tokenizer.
         prompt: the prompt text.
         file: a text file with one prompt per line (batched; in addition to --prompt).
-        max_new_tokens: the most tokens generated per prompt.
-        temperature: 0 = greedy; higher = more random.
-        top_k: sample only among the k most likely tokens.
-        top_p: sample only from the smallest set of tokens holding this probability mass (nucleus).
-        repetition_penalty: > 1 makes tokens already in the text less likely (CTRL's penalty).
+        max_new_tokens: the most tokens generated per prompt (less than the model's context; a completion also
+            stops at the end of the context, with a warning when a prompt leaves less room).
+        temperature: >= 0; 0 = greedy; higher = more random.
+        top_k: sample only among the k most likely tokens (0 = all).
+        top_p: in (0, 1]: sample only from the smallest set of tokens holding this probability mass (nucleus).
+        repetition_penalty: > 0; > 1 makes tokens already in the text less likely (CTRL's penalty).
         stop: stop strings (`--stop+ TEXT`, repeatable); the text ends before the first one (eos and
             <|im_end|> always stop).
         seed: random seed for sampling (same seed, same text).
@@ -62,16 +66,25 @@ def main(model: str, prompt: Optional[str] = None, file: Optional[str] = None, m
         prompts += [line.rstrip("\n") for line in open(file, encoding="utf-8") if line.strip()]
     if not prompts:
         raise UserError("no prompt — give --prompt TEXT or --file PROMPTS.txt")
-    read_config(model)  # a clear error for a directory that is not a model, before anything else
+    if stop is not None and "" in stop:
+        raise UserError("--stop+ '': an empty stop string would end every completion before it starts — remove it")
+    context = read_config(model)[0].max_seq_len  # a clear error for a directory that is not a model, first
+    check_settings(temperature, top_k, top_p, repetition_penalty, max_new_tokens, context)
     tokenizer = Tokenizer.from_dir(model)
-    net = load_any(model, dtype=getattr(torch, dtype), device=device)
+    net = load_model(model, dtype=getattr(torch, dtype), device=device)
     if chat:
         system_msg = [{"role": "system", "content": system}] if system else []
         ids = [tokenize_chat(tokenizer, system_msg + [{"role": "user", "content": p}], add_generation_prompt=True)[0]
                for p in prompts]
     else:
         ids = [tokenizer.encode(p, bos=bos) for p in prompts]
-    stream = TextStream(tokenizer, lambda s: print(s, end="", flush=True)) if len(prompts) == 1 else None
+    for i, (p, x) in enumerate(zip(prompts, ids)):
+        room = context - len(x) + 1  # the last new token is sampled at the last position, never fed
+        if 0 < room < max_new_tokens:
+            print(f"warning: prompt {i + 1} is {len(x)} tokens; the model's context is {context}, so its completion "
+                  f"stops after at most {room} tokens, not --max_new_tokens {max_new_tokens}", file=sys.stderr)
+    stream = TextStream(tokenizer, lambda s: print(s, end="", flush=True), stop_strings=stop or ()) \
+        if len(prompts) == 1 else None
     results = []
     for s in range(0, len(ids), batch_size):
         outs = generate(net, ids[s:s + batch_size], max_new_tokens, temperature=temperature, top_k=top_k,
@@ -79,11 +92,12 @@ def main(model: str, prompt: Optional[str] = None, file: Optional[str] = None, m
                         stop_strings=stop or (), tokenizer=tokenizer, seed=seed, stream=stream, compile=compile,
                         truncate=truncate)
         for p, out in zip(prompts[s:s + batch_size], outs):
-            text = tokenizer.decode(out)
+            text = tokenizer.decode_complete(out)  # without a character cut off by max_new_tokens
             results.append({"prompt": p, "completion": text})
             if stream is None:
                 print(f"--- {p}\n{text}")
     if stream is not None:
+        stream.finish()
         print()
     if json is not None:
         tmp = f"{json}.tmp-{os.getpid()}"
