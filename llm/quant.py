@@ -102,6 +102,99 @@ def check_source(model_dir: str | os.PathLike) -> tuple[ModelArgs, dict]:
 
 
 # ----------------------------------------------------------------------------------------------- calibration
+def is_chat_source(source: str) -> bool:
+    """Chats (a jsonl of llm/sft.py's formats, or builtin:chatterbot/idioms/chitchat) rather than plain text or
+    token shards."""
+    if source.startswith("builtin:"):
+        from llm.corpora import BUILTINS
+
+        return source.removeprefix("builtin:") not in BUILTINS
+    return source.endswith(".jsonl") and Path(source).is_file()
+
+
+def text_tokens(source: str, tok, split: str, max_tokens: int, vocab_size: Optional[int] = None,
+                seed: int = 0) -> tuple[np.ndarray, int]:
+    """(token ids, UTF-8 bytes they encode) of `split` of `source` as the model saw it in training: chats rendered
+    with the chat template and tokenized as llm/sft.py does (`tokenize_chat`), in an order shuffled by `seed`;
+    anything else as `llm.evaluate.corpus_tokens` reads it (text documents joined with eos, or token shards)."""
+    if not is_chat_source(source):
+        from llm.evaluate import corpus_tokens
+
+        return corpus_tokens(source, tok, split=split, max_tokens=max_tokens, vocab_size=vocab_size)
+    from llm.chat import render, tokenize_chat
+    from llm.sft_data import load_chats
+
+    chats = [c for _, c in load_chats(source, split)]
+    np.random.default_rng(seed).shuffle(chats)
+    ids: list[int] = []
+    n_bytes = 0
+    for chat in chats:
+        ids += tokenize_chat(tok, chat)[0]
+        n_bytes += len(render(chat).encode("utf-8"))
+        if len(ids) >= max_tokens:
+            n_bytes = round(n_bytes * max_tokens / len(ids))
+            break
+    return np.asarray(ids[:max_tokens], dtype=np.int64), n_bytes
+
+
+# The training data a model directory records, `{"data": SPEC}` where SPEC is what the training command was given
+# (`--data`: a tools/prepare_data.py dir, a chat jsonl, builtin:idioms ...; paths absolute). llm/trainer.py
+# writes it into run_dir/final/; a quantized model calibrates on it.
+TRAINING_DATA_FILE = "training_data.json"
+# built-in text per language of a model from elsewhere; their validation splits are never drawn for calibration
+LANGUAGE_TEXT = {"en": "builtin:shakespeare", "zh": "builtin:renmin", "en+zh": "builtin:demo"}
+
+
+def recorded_data(model_dir: str | os.PathLike) -> Optional[str]:
+    """The training data `model_dir` records in TRAINING_DATA_FILE, or None (no record, or one naming data that is
+    no longer there: then a warning)."""
+    f = Path(model_dir) / TRAINING_DATA_FILE
+    try:
+        spec = json.loads(f.read_text())["data"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"warning: {f}: unreadable ({e!r}) — ignored")
+        return None
+    if not isinstance(spec, str) or not (spec.startswith("builtin:") or Path(spec).exists()):
+        print(f"warning: {f}: the training data {spec!r} is not here — calibrating on built-in text instead "
+              "(pass --calib to choose)")
+        return None
+    return spec
+
+
+def _sample(source: str, n_chars: int = 4000) -> str:
+    from llm.corpora import iter_documents
+
+    text = ""
+    for doc in iter_documents(source, split="train"):
+        text += doc
+        if len(text) >= n_chars:
+            break
+    return text[:n_chars]
+
+
+def model_language(tok) -> str:
+    """"en", "zh" or "en+zh": the languages whose text the tokenizer encodes as a tokenizer trained on it does.
+    Chinese needs its characters in the vocabulary (>= 0.8 characters per token on People's Daily; byte-level or
+    byte-fallback vocabularies without them give ~0.5, as SmolLM2's does); English needs word pieces (>= 1.8
+    characters per token on Shakespeare; single letters give ~1-1.5)."""
+    en, zh = _sample(LANGUAGE_TEXT["en"]), _sample(LANGUAGE_TEXT["zh"])
+    en_ok = len(en) / max(1, len(tok.encode(en))) >= 1.8
+    zh_ok = len(zh) / max(1, len(tok.encode(zh))) >= 0.8
+    return "en+zh" if en_ok and zh_ok else "zh" if zh_ok else "en"
+
+
+def default_calibration(model_dir: str | os.PathLike, tok) -> tuple[str, str]:
+    """(calibration source, why): the training data the model records (TRAINING_DATA_FILE), else built-in text in
+    the language of its tokenizer (`model_language`)."""
+    spec = recorded_data(model_dir)
+    if spec is not None:
+        return spec, f"the training data recorded in {Path(model_dir) / TRAINING_DATA_FILE}"
+    lang = model_language(tok)
+    return LANGUAGE_TEXT[lang], f"no {TRAINING_DATA_FILE} in the model directory: built-in text in its language ({lang})"
+
+
 def calibration_samples(ids: np.ndarray, n_samples: int, seq_len: int, seed: int, where: str) -> list[list[int]]:
     """`n_samples` distinct windows of `seq_len` tokens drawn at random from `ids` (GPTQ's calibration set)."""
     if seq_len < 16:
@@ -125,7 +218,7 @@ def quantize(model_dir: str | os.PathLike, out: str | os.PathLike, samples: Opti
     are stored in `save_dtype` (fp16, the activation dtype of GPTQ kernels); tokenizer and generation files are
     copied from `model_dir` byte for byte, so the quantized model tokenizes exactly as the original."""
     model_dir, out = Path(model_dir), Path(out)
-    if device == "cpu":  # GPTQModel's CPU default is half the cores; DESIGN.md: one worker per core
+    if device == "cpu":  # GPTQModel's CPU default is half the cores; one worker per core is fastest here
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
     from gptqmodel import GPTQModel, QuantizeConfig
 

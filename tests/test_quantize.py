@@ -6,6 +6,7 @@ The SmolLM2-135M run (half an hour on 2 CPU cores) is not here; its command and 
 import json
 import math
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ import torch
 from llm.cli import UserError
 from llm.config import ModelArgs
 from llm.hf_format import load_model, save_model
-from llm.quant import check_shapes, dequantize, fitting_group_size, quantize, unpack
+from llm.quant import (LANGUAGE_TEXT, TRAINING_DATA_FILE, check_shapes, default_calibration, dequantize,
+                       fitting_group_size, model_language, quantize, unpack)
 from llm.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,22 +55,28 @@ def tiny_lm(tmp_path_factory) -> Path:
     return save_model(model, d / "model", tokenizer=tok)
 
 
-FAST = dict(calib="builtin:shakespeare", n_samples=32, seq_len=64, eval_tokens=4096, eval_ctx=128)
+FAST = dict(n_samples=32, seq_len=64, eval_tokens=4096, eval_ctx=128)
 
 
 @pytest.fixture(scope="session")
 def reports(tiny_lm) -> dict:
-    """The 4-bit GPTQ pipeline, and GPTQ vs RTN at 2 bits, where rounding error is large enough on this small model
-    for GPTQ's compensation to show clearly (at 4 bits both cost < 0.5% here)."""
+    """The 4-bit GPTQ pipeline with the defaults (no --calib: the model records no training data, so built-in
+    text in its tokenizer's language), and GPTQ vs RTN at 2 bits, where rounding error is large enough on this
+    small model for GPTQ's compensation to show clearly (at 4 bits both cost < 0.5% here)."""
     main = tool("quantize")["main"]
-    runs = {"gptq": ("gptq", 4), "gptq2": ("gptq", 2), "rtn2": ("rtn", 2)}
-    return {k: main(model=str(tiny_lm), out=str(tiny_lm.parent / k), method=m, bits=b, **FAST)
-            for k, (m, b) in runs.items()}
+    runs = {"gptq": ("gptq", 4, None), "gptq2": ("gptq", 2, "builtin:shakespeare"),
+            "rtn2": ("rtn", 2, "builtin:shakespeare")}
+    return {k: main(model=str(tiny_lm), out=str(tiny_lm.parent / k), method=m, bits=b, calib=c, **FAST)
+            for k, (m, b, c) in runs.items()}
 
 
 def test_pipeline_report(reports, tiny_lm):
     g = reports["gptq"]
     assert g["group_size"] == 128  # default: 128 divides the in-features 128 and 384
+    assert g["desc_act"] is True  # act-order by default
+    # no training_data.json: the Shakespeare-trained tokenizer's language, English; held out: its validation split
+    assert g["calib"] == "builtin:shakespeare" and "in its language (en)" in g["calib_reason"]
+    assert g["eval_data"] == "builtin:shakespeare"
     assert json.loads((tiny_lm.parent / "gptq" / "report.json").read_text()) == g
     orig = g["original"]["ppl"]
     assert 10 < orig < 60 and all(r["original"]["ppl"] == orig for r in reports.values())
@@ -82,6 +90,49 @@ def test_pipeline_report(reports, tiny_lm):
     assert 0 < g2["change"]["ppl"] < 0.75 * r2["change"]["ppl"] < 0.5
 
 
+def test_calibrates_on_recorded_training_data(tiny_lm, tmp_path, capsys):
+    """A model directory that records its training data (TRAINING_DATA_FILE, as the trainer writes it into
+    run_dir/final) is calibrated on that data without --calib: SFT chats rendered with the chat template, the way
+    the model saw them; the report's held-out text is their validation chats. The record travels with the output."""
+    from llm.quant import text_tokens
+
+    sft = tmp_path / "sft"
+    shutil.copytree(tiny_lm, sft)
+    (sft / TRAINING_DATA_FILE).write_text(json.dumps({"data": "builtin:chitchat"}) + "\n")
+    r = tool("quantize")["main"](model=str(sft), out=str(tmp_path / "q"), n_samples=16, seq_len=64, eval_tokens=1024,
+                                 eval_ctx=128)
+    assert r["calib"] == r["eval_data"] == "builtin:chitchat" and TRAINING_DATA_FILE in r["calib_reason"]
+    assert f"calibration text: builtin:chitchat (the training data recorded in {sft / TRAINING_DATA_FILE})" \
+        in capsys.readouterr().out
+    assert math.isfinite(r["quantized"]["ppl"]) and "eval_command" not in r  # tools/eval.py ppl reads no chats
+    assert json.loads((tmp_path / "q" / "report.json").read_text())["calib"] == "builtin:chitchat"
+    assert (tmp_path / "q" / TRAINING_DATA_FILE).read_bytes() == (sft / TRAINING_DATA_FILE).read_bytes()
+    tok = Tokenizer.from_dir(sft)
+    ids, n_bytes = text_tokens("builtin:chitchat", tok, "train", 400)
+    assert len(ids) == 400 and tok.decode(ids.tolist()).startswith("<|im_start|>user\n") and n_bytes > 400
+
+
+def test_calibration_language_of_a_model_from_elsewhere(tiny_lm, smollm2_dir, tmp_path, capsys):
+    """No record: built-in text in the language the tokenizer encodes well — English for SmolLM2 (byte-level BPE
+    without Chinese characters) and for a Shakespeare tokenizer, Chinese for a People's Daily one, both for one
+    trained on builtin:demo. A record naming data that is gone warns and falls back the same way."""
+    tok = Tokenizer.from_dir(tiny_lm)
+    assert model_language(tok) == "en" and model_language(Tokenizer.from_dir(smollm2_dir)) == "en"
+    train = tool("train_tokenizer")["train_tokenizer"]
+    for src, lang in (("renmin", "zh"), ("demo", "en+zh")):
+        out = tmp_path / src / "tokenizer.model"
+        train(inputs=[f"builtin:{src}"], out=str(out), vocab_size=3000, max_sentences=5000, preset="debug")
+        assert model_language(Tokenizer(out)) == lang
+    assert LANGUAGE_TEXT == {"en": "builtin:shakespeare", "zh": "builtin:renmin", "en+zh": "builtin:demo"}
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_lm, moved)
+    (moved / TRAINING_DATA_FILE).write_text(json.dumps({"data": str(tmp_path / "gone.jsonl")}))
+    capsys.readouterr()
+    src, why = default_calibration(moved, tok)
+    assert src == "builtin:shakespeare" and "in its language (en)" in why
+    assert "gone.jsonl' is not here" in capsys.readouterr().out
+
+
 def test_transformers_loads_and_matches(reports, tiny_lm):
     """transformers (+optimum, GPTQModel's CPU int4 kernel) loads the directory; its logits match our dequantized
     model's; tokenizer files are the original's, so AutoTokenizer gives our ids."""
@@ -91,7 +142,8 @@ def test_transformers_loads_and_matches(reports, tiny_lm):
     for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / f).read_bytes() == (tiny_lm / f).read_bytes()
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert (cfg["quant_method"], cfg["bits"], cfg["group_size"], cfg["sym"]) == ("gptq", 4, 128, True)
+    assert (cfg["quant_method"], cfg["bits"], cfg["group_size"], cfg["sym"], cfg["desc_act"]) == ("gptq", 4, 128,
+                                                                                                True, True)
     tok = Tokenizer.from_dir(out)
     text = "ROMEO. But soft, what light through yonder window breaks?"
     assert AutoTokenizer.from_pretrained(out)(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
@@ -167,13 +219,24 @@ def test_bad_input(tiny_lm, reports, tmp_path):
     (tmp_path / "empty").mkdir()
     short = tmp_path / "short.txt"
     short.write_text("To be, or not to be, that is the question.\n" * 20)
+    mine = tmp_path / "mine"  # the user's folder: never replaced, whatever the flags
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    if not (tiny_lm.parent / "rtn2-model").exists():
+        shutil.copytree(tiny_lm, tiny_lm.parent / "rtn2-model")  # another model directory of the toolkit
     cases = [
         (dict(model=str(tmp_path / "empty")), "no config.json"),
         (dict(model=str(tiny_lm.parent / "gptq")), "already quantized"),
         (dict(model=str(tiny_lm), bits=5), "--bits 5: not supported"),
         (dict(model=str(tiny_lm), group_size=96), r"does not divide .* use --group_size 64"),
         (dict(model=str(tiny_lm), calib=str(short), n_samples=32, seq_len=64), "fewer than --n_samples 32"),
-        (dict(model=str(tiny_lm), out=str(tiny_lm.parent / "gptq")), "already exists"),
+        (dict(model=str(tiny_lm), out=str(tiny_lm.parent / "gptq")),
+         r"already holds a gptq directory — pass --overwrite true to replace it"),
+        (dict(model=str(tiny_lm), out=str(tiny_lm), overwrite=True), "is the input"),
+        (dict(model=str(tiny_lm), out=str(mine)), r"not made by this toolkit .*\(--overwrite included\)"),
+        (dict(model=str(tiny_lm), out=str(mine), overwrite=True), r"not made by this toolkit .*\(--overwrite included\)"),
+        (dict(model=str(tiny_lm), out=str(tiny_lm.parent / "rtn2-model"), overwrite=True),
+         "holds a model directory of this toolkit, not a gptq one"),
     ]
     for kwargs, message in cases:
         with pytest.raises(UserError, match=message):
