@@ -1,8 +1,10 @@
 """Running a typed function or dataclass as a command line (jsonargparse), with user errors reported cleanly.
 
 Every CLI of the toolkit goes through `run_cli`: `--config FILE.yaml`, `--print_config` and `--help` from the
-signature and docstrings; DeepSpeed's `--local_rank=N` accepted; a `UserError`, or an OSError about a path the
-user gave (no permission, a folder where a file is expected, ...), printed as one line, exit 2.
+signature and docstrings; DeepSpeed's `--local_rank=N` accepted; a `UserError`, a mistake in a YAML or an option
+(`llm.config.check_args`: file, line and key, the closest valid key, types and signs checked before any use), or an
+OSError about a path the user gave (no permission, a folder where a file is expected, ...), printed as one line
+without the usage, exit 2.
 """
 from __future__ import annotations
 
@@ -33,12 +35,28 @@ def strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
-def run_cli(component: Callable | dict[str, Callable], args: list[str] | None = None) -> Any:
+def run_cli(component: Callable | dict[str, Callable], args: list[str] | None = None,
+            default_config: str | os.PathLike | None = None) -> Any:
+    """Run `component` (a function, or {subcommand: function}) as a command line. `default_config`: a YAML whose
+    values replace the signature's defaults (a `--config` and the options still override it)."""
+    from argparse import ArgumentError
+
     from jsonargparse import CLI
+
+    from llm.config import check_args, schema_of
 
     args = strip_local_rank(sys.argv[1:] if args is None else args)
     try:
-        return CLI(component, args=args, as_positional=False)
+        check_args(schema_of(component), args)  # YAML and option mistakes: one line naming file, line and key
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        defaults = {"default_config_files": [str(default_config)]} if default_config else {}
+        return CLI(component, args=args, as_positional=False, exit_on_error=False, **defaults)
+    except ArgumentError as e:  # what the check above leaves to jsonargparse: its message in one line
+        print(f"error: {' '.join(str(e).split())} (see --help)", file=sys.stderr)
+        sys.exit(2)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -10,10 +10,11 @@ input (`llm.writer`).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Optional
 
 from llm import writer
-from llm.cli import run_cli
+from llm.cli import UserError, run_cli
 
 
 def from_gguf(src: str, dst: str, dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
@@ -26,6 +27,8 @@ def from_gguf(src: str, dst: str, dtype: Optional[Literal["float32", "bfloat16",
         dtype: dtype of the saved weights; default float32, the dequantized values exactly.
         overwrite: replace an existing --dst, only if it is a model directory this toolkit made.
     """
+    if Path(src).is_dir():
+        raise UserError(f"--src {src}: is a folder — give the .gguf file")
     import torch
 
     from llm.gguf import gguf_to_hf
@@ -61,7 +64,7 @@ def from_deepspeed(src: str, dst: str, dtype: Optional[Literal["fp32", "bf16", "
         dtype: weight dtype; default the training precision.
         overwrite: replace an existing --dst, only if it is a model directory this toolkit made.
     """
-    from llm.trainer import ds_to_hf
+    from llm.hf_format import from_deepspeed as ds_to_hf
 
     writer.check_dir(dst, "model", [src], overwrite, flag="--dst")
     print(f"wrote {ds_to_hf(src, dst, dtype)}")
@@ -78,9 +81,12 @@ def merge_lora(base: str, adapter: str, dst: str, dtype: Optional[Literal["fp32"
         dtype: weight dtype; default the base model's.
         overwrite: replace an existing --dst, only if it is a model directory this toolkit made.
     """
-    from llm.sft import merge_lora as merge
-
+    if not (Path(adapter) / "adapter_config.json").is_file():  # before the (slow, noisy) peft import
+        raise UserError(f"--adapter {adapter}: not a LoRA adapter directory (no adapter_config.json) — pass the "
+                        "adapter/ folder of an llm/sft.py --mode lora run")
     writer.check_dir(dst, "model", [base, adapter], overwrite, flag="--dst")
+    from llm.tasks.lora import merge_lora as merge
+
     print(f"wrote {merge(base, adapter, dst, dtype)}")
 
 

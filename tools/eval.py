@@ -71,6 +71,9 @@ def ppl(model: str, source: str, split: str = "val", ctx_len: Optional[int] = No
         json: also write the result to this JSON file.
     """
     args, _ = read_config(model)  # data errors show before the weights load
+    if Path(source).name == "meta.json" and Path(source).is_file():
+        raise UserError(f"--source {source}: give the data directory, --source {Path(source).parent}, not its "
+                        "meta.json")
     is_bin = (Path(source) / "meta.json").is_file()
     tokenizer = _tokenizer(model, required=not is_bin)
     ids, n_bytes = ev.corpus_tokens(source, tokenizer, split, max_tokens, vocab_size=args.vocab_size)
@@ -147,7 +150,7 @@ def classify(model: str, data: str = "builtin:sentiment", split: Optional[str] =
     """
     from collections import Counter
 
-    from llm.classify import accuracy, load_classifier
+    from llm.tasks.classify import accuracy, load_classifier
     from llm.sft_data import ClassifyDataset, load_labelled
 
     tokenizer = _tokenizer(model)
@@ -155,7 +158,7 @@ def classify(model: str, data: str = "builtin:sentiment", split: Optional[str] =
     examples = load_labelled(data, split, val_fraction, clf.score.out_features)
     if not examples:
         raise UserError(f"{data}: no records in split {split!r}")
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    pad = tokenizer.pad_or_eos
     t0 = time.time()
     acc = accuracy(clf, ClassifyDataset(tokenizer, examples, seq_len), pad, batch_size)
     majority = Counter(y for _, y in examples).most_common(1)[0][1] / len(examples)
