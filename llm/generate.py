@@ -6,7 +6,9 @@ transformers' logits processors: repetition penalty (Keskar et al. 2019, CTRL), 
 top-p (Holtzman et al. 2019); temperature 0 is greedy. Generation stops per row at a stop id, a stop string,
 `max_new_tokens`, or the end of the context. The KV cache has static shapes and the one-token decode step is
 `torch.compile`d as one graph when the decoding is long enough to repay it (gpt-fast's design; the prefill stays
-eager: its shape changes with every prompt).
+eager: its shape changes with every prompt). A shorter prompt in a batch gets as many new tokens as it would alone.
+`TextStream` writes a row's text as it grows, never part of a character (llm.tokenizer.StreamDecoder) nor a stop
+string; `check_settings` turns an out-of-range sampling setting into a `UserError` naming the flag.
 """
 from __future__ import annotations
 

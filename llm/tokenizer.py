@@ -7,6 +7,10 @@ sentencepiece model it also builds an equivalent `tokenizer.json` with `tokenize
 score, byte fallback, user-defined symbols as added tokens), because transformers 5.x converting a bare
 `tokenizer.model` through `LlamaTokenizer` can produce different ids. tests/test_tokenizer.py checks that
 `transformers.AutoTokenizer` on the saved directory gives exactly our ids.
+
+Generated ids may stop inside a character (byte-fallback pieces <0xE5><0x82><0xBC> spell 傼), which `decode` renders
+as U+FFFD: `decode_complete` drops such a cut character, and `StreamDecoder` decodes a token stream piece by piece
+without ever showing part of one (tests/test_decode.py).
 """
 from __future__ import annotations
 
@@ -257,7 +261,8 @@ class StreamDecoder:
     `push(ids)` returns the text the new ids complete: it decodes a short window of the latest ids and holds the
     text back while it ends in U+FFFD (a character whose UTF-8 bytes are split over several byte-fallback or
     byte-level tokens, e.g. <0xE5><0x82><0xBC> = 傼). `finish()` returns what is still held, without a trailing
-    incomplete character. Everything pushed and finished, joined, equals `tokenizer.decode_complete(all ids)`.
+    incomplete character. Everything pushed and finished, joined, equals `tokenizer.decode_complete(all ids)` (for
+    ids that spell valid UTF-8, or whose decoding of a prefix does not change later characters).
     The window starts where an earlier piece ended (a character boundary), and its text is taken relative to the
     decoded text before that point, so tokenizers that drop the leading space of the first token decode alike.
     """

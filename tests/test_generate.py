@@ -148,7 +148,8 @@ def test_each_row_runs_to_its_own_context(model):
 
 
 def test_generate_rejects_bad_sampling(model):
-    for kw, flag in [({"temperature": -1.0}, "--temperature"), ({"top_p": 1.01}, "--top_p"), ({"top_k": -2}, "--top_k")]:
+    for kw, flag in [({"temperature": -1.0}, "--temperature"), ({"top_p": 1.01}, "--top_p"),
+                     ({"top_k": -2}, "--top_k")]:
         with pytest.raises(UserError, match=flag):
             generate(model, PROMPTS, 4, **kw)
     assert generate(model, PROMPTS, 0) == [[], [], []]
