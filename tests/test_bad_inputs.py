@@ -266,3 +266,19 @@ def test_a_valid_config_and_options_pass_the_check(tmp_path):
     check_args(schema_of(cli_of(EVAL)[0]), ["passkey", "--model", "m", "--lengths", "[256, 512]"])
     check_args(schema_of(cli_of(PREPARE)[0]), ["--inputs", "[web/*.jsonl.gz, books/]", "--dedupe", "true"])
     check_args(schema_of(cli_of(GENERATE)[0]), ["--model", "m", "--prompt", "123", "--top_p", "0.95"])
+
+
+def test_pipeline_summary_survives_damaged_inputs(tmp_path, capsys):
+    """run.sh's last stage prints its table even from a cut-short times file, eval.json or metrics.csv."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "times.tsv").write_text("setup\t77\ntokenizer\ndata\tx\npretrain\t300\n")
+    (tmp_path / "base" / "eval.json").write_text('{"ppl": 150.3')
+    (tmp_path / "sft" / "metrics.csv").write_text("step,val_loss\n1,7.5\n2,\n3,4.8\n4,4.1x")
+    component, kwargs = cli_of("tools/pipeline_summary.py")
+    llm.cli.run_cli(component, args=["--times", str(tmp_path / "times.tsv"), "--base", str(tmp_path / "base"),
+                                     "--sft", str(tmp_path / "sft"), "--quant", str(tmp_path / "q"),
+                                     "--gguf", str(tmp_path / "m.gguf")], **kwargs)
+    out = capsys.readouterr().out
+    assert "| pretrained |" in out and "| ? | ? |" in out and "7.500 before → 4.800 after" in out
+    assert "| setup | 77 |" in out and "| pretrain | 300 |" in out and "| total | 377 |" in out

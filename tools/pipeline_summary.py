@@ -18,15 +18,25 @@ def _size(path: Path) -> str:
 def _eval(path: Path) -> tuple[str, str]:
     if not path.is_file():
         return "-", "-"
-    r = json.loads(path.read_text())
-    return f"{r['ppl']:.2f}", f"{r['bpb']:.3f}" if r.get("bpb") is not None else "-"
+    try:  # a damaged or foreign eval.json shows as "?" rather than stopping the table
+        r = json.loads(path.read_text())
+        return f"{float(r['ppl']):.2f}", f"{float(r['bpb']):.3f}" if r.get("bpb") is not None else "-"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "?", "?"
 
 
 def _val_losses(metrics_csv: Path) -> list[float]:
     if not metrics_csv.is_file():
         return []
     with metrics_csv.open() as f:
-        return [float(r["val_loss"]) for r in csv.DictReader(f) if r.get("val_loss")]
+        rows = [r.get("val_loss") for r in csv.DictReader(f)]
+    out = []
+    for v in rows:
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):  # no evaluation at that step, or a row cut short
+            pass
+    return out
 
 
 def summary(times: str, base: str, sft: str, quant: str, gguf: str) -> None:
@@ -43,7 +53,8 @@ def summary(times: str, base: str, sft: str, quant: str, gguf: str) -> None:
     if Path(times).is_file():
         for line in Path(times).read_text().splitlines():
             stage, _, s = line.partition("\t")
-            seconds[stage] = int(s)
+            if s.strip().isdigit():  # a line cut short by an interrupted run is left out
+                seconds[stage] = int(s)
     base_d, sft_d, quant_d = Path(base), Path(sft), Path(quant)
     rows = [("pretrained", base_d / "final", base_d / "eval.json"),
             ("SFT (LoRA merged)", sft_d / "final", sft_d / "eval.json"),
