@@ -214,8 +214,9 @@ PRESETS: dict[str, dict] = {
 # ----------------------------------------------------------------------------------------------- checking settings
 # Every CLI's settings (`--config FILE.yaml` and `--name value`) are checked here against the typed signature before
 # jsonargparse sees them, so a mistake is one line naming the file, line and key (`llm.cli.run_cli`).
-SIGNED_INTS = {"seed", "top_k", "bos_token_id", "eos_token_id", "pad_token_id"}
-"""Integer settings that may be negative; every other one is a size or a count, so a negative value is an error."""
+SIGNED_INTS = {"seed", "top_k", "group_size", "bos_token_id", "eos_token_id", "pad_token_id"}
+"""Integer settings that may be negative (group_size -1: one group per row); every other one is a size or a count,
+so a negative value is an error."""
 
 
 def accepts(value: Any, tp: Any) -> bool:
@@ -243,7 +244,9 @@ def accepts(value: Any, tp: Any) -> bool:
         if origin is tuple and args and args[-1] is not Ellipsis:
             return len(value) == len(args) and all(accepts(v, t) for v, t in zip(value, args))
         return all(accepts(v, args[0]) for v in value) if args else True
-    if origin is dict or tp is dict or dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, (dict, tp))
+    if origin is dict or tp is dict:
         return isinstance(value, dict)
     return True  # a type this check does not know: jsonargparse decides
 

@@ -248,8 +248,9 @@ def test_the_table_covers_every_cli():
     assert len(ROWS) >= 40 and len({r[0] for r in ROWS}) == len(ROWS)
 
 
-def test_a_valid_config_and_options_pass_the_check(tmp_path):
+def test_valid_configs_and_options_pass_the_check():
     """Every shipped config and the options the README shows pass `check_args` (no false alarms)."""
+    from llm.cli import strip_local_rank
     from llm.config import check_args, schema_of
 
     for script, pattern in ((PRETRAIN, "pretrain/*.yaml"), (SFT, "sft/*.yaml")):
@@ -260,12 +261,33 @@ def test_a_valid_config_and_options_pass_the_check(tmp_path):
     for cfg in sorted((ROOT / "configs").glob("*/*.yaml")):
         if "classify" in str(cfg):
             check_args(schema_of(cli_of(CLASSIFY)[0]), ["--config", str(cfg)])
-    check_args(schema_of(cli_of(PRETRAIN)[0]), ["--train.lr", "1e-3", "--train.resume", "auto", "--model.dim", "768",
-                                                "--model", "{n_layers: 12}", "--seq_len", "null",
-                                                "--train.compile=auto", "--train.sample_prompts", "[]"])
-    check_args(schema_of(cli_of(EVAL)[0]), ["passkey", "--model", "m", "--lengths", "[256, 512]"])
-    check_args(schema_of(cli_of(PREPARE)[0]), ["--inputs", "[web/*.jsonl.gz, books/]", "--dedupe", "true"])
-    check_args(schema_of(cli_of(GENERATE)[0]), ["--model", "m", "--prompt", "123", "--top_p", "0.95"])
+    readme = [  # the README's and run.sh's command lines
+        (PRETRAIN, "--config configs/pretrain/25M.yaml --train.ds_config zero2 --train.resume auto --train.lr 1e-3 "
+                   "--model.dim 768 --seq_len null --train.compile=auto --train.precision bf16 --local_rank=0"),
+        (PRETRAIN, ["--model", "{n_layers: 12}", "--train.sample_prompts", "[]", "--train.betas", "[0.9, 0.99]"]),
+        (SFT, "--config configs/sft/lora-demo.yaml --model runs/cpu-demo/final --data chats.jsonl --mode full "
+              "--train.ds_config zero3 --lora.r 8 --longlora.context_factor 4"),
+        (CLASSIFY, "--config configs/sft/classify-sentiment.yaml --freeze_backbone true --train.max_steps 400"),
+        (TOKENIZER, ["--inputs", "[corpus/*.jsonl]", "--text_key", "text", "--vocab_size", "32000",
+                     "--max_sentences", "2000000"]),
+        (PREPARE, ["--inputs", "[web/*.jsonl.gz, books/]", "--text_key", "text", "--out", "data/web", "--dedupe",
+                   "true"]),
+        (EVAL, "ppl --model runs/cpu-demo/final --source builtin:demo --split val --max_tokens 60000 --json e.json"),
+        (EVAL, ["passkey", "--model", "DIR", "--lengths", "[256, 512, 1024]"]),
+        (EVAL, "classify --model DIR --data builtin:sentiment --split null"),
+        (EVAL, "mc --model DIR --task hellaswag --limit 500"),
+        (GENERATE, ["--model", "DIR", "--prompt", "春风", "--max_new_tokens", "64", "--temperature", "0.8",
+                    "--top_p", "0.95", "--stop", '["\\n"]']),
+        (GENERATE, "--model DIR --prompt 123 --seed -1"),
+        (CHAT, ["--model", "DIR", "--system", "You are a helpful assistant."]),
+        (QUANTIZE, "--model runs/smollm2 --group_size 64 --sym false --calib builtin:shakespeare"),
+        (QUANTIZE, "--model DIR --out DIR-gptq --bits 4 --group_size -1 --method rtn"),
+        (CONVERT, "merge_lora --base DIR --adapter RUN/adapter --dst MERGED --overwrite true"),
+        (CONVERT, "to_gguf --src DIR --dst model.gguf --dtype f32"),
+        (PRETRAIN, "--print_config"), (CONVERT, "to_gguf --help"),
+    ]
+    for script, argv in readme:
+        check_args(schema_of(cli_of(script)[0]), strip_local_rank(argv.split() if isinstance(argv, str) else argv))
 
 
 def test_pipeline_summary_survives_damaged_inputs(tmp_path, capsys):
