@@ -46,16 +46,19 @@ def run_cli(component: Callable | dict[str, Callable], args: list[str] | None = 
     from llm.config import check_args, schema_of
 
     args = strip_local_rank(sys.argv[1:] if args is None else args)
+    once = os.environ.get("RANK", "0") == "0"  # every rank parses the same arguments: one of them says what is wrong
     try:
         check_args(schema_of(component), args)  # YAML and option mistakes: one line naming file, line and key
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if once:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     try:
         defaults = {"default_config_files": [str(default_config)]} if default_config else {}
         return CLI(component, args=args, as_positional=False, exit_on_error=False, **defaults)
     except ArgumentError as e:  # what the check above leaves to jsonargparse: its message in one line
-        print(f"error: {' '.join(str(e).split())} (see --help)", file=sys.stderr)
+        if once:
+            print(f"error: {' '.join(str(e).split())} (see --help)", file=sys.stderr)
         sys.exit(2)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -233,7 +233,7 @@ def accepts(value: Any, tp: Any) -> bool:
     if tp is bool:
         return isinstance(value, bool)
     if tp is int:
-        return _number(value, int) and not isinstance(value, float)
+        return _number(value, int)
     if tp is float:
         return _number(value, float)
     if tp is str:
@@ -254,13 +254,13 @@ def accepts(value: Any, tp: Any) -> bool:
 def _number(value: Any, kind: type) -> bool:
     if isinstance(value, bool):
         return False
-    if isinstance(value, (numbers.Integral if kind is int else numbers.Real)):
-        return True
-    try:  # "1e-3" is a string to YAML 1.1, a number to jsonargparse
-        kind(value) if isinstance(value, str) else None
-        return isinstance(value, str)
-    except ValueError:
-        return False
+    if isinstance(value, str):  # "1e-3" is a string to YAML 1.1, a number to jsonargparse
+        try:
+            kind(value)
+            return True
+        except ValueError:
+            return False
+    return isinstance(value, numbers.Integral if kind is int else numbers.Real)
 
 
 def describe(tp: Any) -> str:
@@ -378,9 +378,8 @@ def _check_mapping(data: dict, schema: Schema, path: str, prefix: str) -> None:
         tp, nested = schema[key], _fields(schema[key])
         if nested is not None and isinstance(value, dict):
             _check_mapping(value, nested, path, f"{prefix}{key}.")
-        elif nested is None or value is not None or not accepts(None, tp):
-            if problem := check_value(prefix + str(key), value, tp):
-                raise ValueError(f"{where}: {problem}")
+        elif problem := check_value(prefix + str(key), value, tp):
+            raise ValueError(f"{where}: {problem}")
 
 
 def check_args(schema: Schema, args: list[str]) -> None:

@@ -304,3 +304,13 @@ def test_pipeline_summary_survives_damaged_inputs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| pretrained |" in out and "| ? | ? |" in out and "7.500 before → 4.800 after" in out
     assert "| setup | 77 |" in out and "| pretrain | 300 |" in out and "| total | 377 |" in out
+
+
+def test_under_a_launcher_one_rank_says_what_is_wrong(monkeypatch, capsys):
+    """Every rank parses the same arguments: rank 0 prints the line, the others exit 2 silently."""
+    component, kwargs = cli_of(PRETRAIN)
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            llm.cli.run_cli(component, args=["--train.lrr", "1"], **kwargs)
+        assert e.value.code == 2 and len(capsys.readouterr().err.splitlines()) == lines
