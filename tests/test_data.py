@@ -1,4 +1,4 @@
-"""Data pipeline: text -> shards (tools/prepare_data.py, llm.data.prepare) -> PretrainDataset windows.
+"""Data pipeline: text -> shards (tools/prepare_data.py, llm.prepare.prepare) -> PretrainDataset windows.
 
 Real sentencepiece on the real built-in corpora; byte-exact round trips for Chinese and English; every input format;
 the bad inputs of the issue as one-line errors with nothing half-written left; windows deterministic, disjoint
@@ -8,6 +8,7 @@ import gzip
 import json
 import math
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,8 @@ import torch
 
 from llm.cli import UserError, run_cli
 from llm.corpora import HELD_OUT_RULE, Chunk, is_held_out, iter_documents, parse_chunk, read_chunks
-from llm.data import PretrainDataset, check_tokenizer, prepare, read_meta
+from llm.data import PretrainDataset, check_tokenizer, read_meta, split_tokens
+from llm.prepare import prepare
 from llm.tokenizer import Tokenizer
 from llm.tokenizer_train import train_tokenizer
 
@@ -415,3 +417,25 @@ def test_one_held_out_rule_for_all_data():
     assert held and all(is_held_out(keys[w], 0.1) for w, _ in held)
     texts = load_labelled("builtin:sentiment", None)
     assert load_labelled("builtin:sentiment", "val") == [(t, y) for t, y in texts if is_held_out(t, 0.1)]
+
+
+def test_split_tokens_reads_a_checked_split(demo_dir, tmp_path):
+    """The reader behind `tools/eval.py ppl --source DATA_DIR`: the split's ids across shards, its bytes scaled for
+    a prefix, and read_meta's checks first (a damaged data dir is refused, not read)."""
+    info = read_meta(demo_dir)["splits"]["train"]
+    assert len(info["shards"]) > 1
+    ids, n_bytes = split_tokens(demo_dir, "train")
+    assert ids.dtype == np.int64 and len(ids) == info["tokens"] and n_bytes == info["bytes"]
+    files = [np.fromfile(demo_dir / s["file"], np.uint16) for s in info["shards"]]
+    assert np.array_equal(ids, np.concatenate(files))
+    n = info["shards"][0]["tokens"] + 10  # straddles two shards
+    head, head_bytes = split_tokens(demo_dir, "train", max_tokens=n)
+    assert np.array_equal(head, ids[:n]) and head_bytes == round(info["bytes"] * n / info["tokens"])
+    with pytest.raises(UserError, match="no split 'test'"):
+        split_tokens(demo_dir, "test")
+    d = tmp_path / "damaged"
+    shutil.copytree(demo_dir, d)
+    shard = d / info["shards"][1]["file"]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(UserError, match=r"holds 500 tokens but .* says"):
+        split_tokens(d, "val")

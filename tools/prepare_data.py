@@ -5,10 +5,10 @@
     python tools/prepare_data.py --inputs '[zh/, en.parquet]' --out data/mix
 
 Inputs are .txt / .jsonl / .jsonl.gz / .parquet files, globs or folders, or a `builtin:` corpus (llm/corpora.py);
-the work is `llm.data.prepare` (N tokenizing processes, shards of bounded size, meta.json written last).
+the work is `llm.prepare.prepare` (N tokenizing processes, shards of bounded size, meta.json written last).
 """
 from llm.cli import run_cli
-from llm.data import prepare
+from llm.prepare import prepare
 
 if __name__ == "__main__":
     run_cli(prepare)
