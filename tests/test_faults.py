@@ -513,3 +513,70 @@ def test_lora_sft_sigkill_then_resume_gives_the_same_weights(lora_base, tmp_path
     same_weights(run, ref)
     a, b = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (run, ref))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------- the headline
+def test_no_argument_command_trains_on_4_ranks(data_dir, tmp_path):
+    """`deepspeed --num_gpus 4 llm/pretrain.py`, no arguments, on 4 CPU ranks, in a directory laid out as run.sh
+    leaves it (data/tokenizer/tokenizer.model, data/demo; tiny versions): it starts training the default config at
+    world size 4 with the default global batch of 16 (micro batch 8 -> 4, no accumulation): the batch line and the
+    start line once each, no error. The 300-step run is SIGKILLed (the whole group) once its first step is done."""
+    import shutil
+
+    from llm.data import prepare
+
+    shutil.copytree(data_dir.parent / "tok", tmp_path / "data" / "tokenizer")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # relative paths, as run.sh writes them
+    try:
+        prepare([str(data_dir.parent / "text.txt")], out="data/demo", tokenizer="data/tokenizer/tokenizer.model",
+                val_fraction=0.05, workers=1)
+    finally:
+        os.chdir(cwd)
+    log = tmp_path / "train.txt"
+    p = ds_launch_4(ROOT / "llm" / "pretrain.py", tmp_path, log)
+    deadline = time.time() + 480
+    try:
+        while "1/300" not in log.read_text(errors="replace"):  # rank 0's progress bar: the first step is done
+            if p.poll() is not None or time.time() > deadline:
+                pytest.fail(f"no training step (rc {p.poll()}):\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+    finally:
+        kill_group(p)
+    out = log.read_text(errors="replace")
+    lines = out.splitlines()
+    assert "Traceback" not in out and not [x for x in lines if x.startswith("error")], out[-4000:]
+    batch = ("train.global_batch_size=16 on 4 rank(s): micro batch 8 -> 4 (the largest that divides it), grad_accum 1 "
+             "(4 x 1 x 4 = 16)")
+    assert out.count(batch) == 1, out[-4000:]
+    start = [x for x in lines if x.startswith("training ")]
+    assert len(start) == 1, out[-4000:]
+    assert (" on 4 rank(s) (cpu), ZeRO-1 (zero1.json), fp32, attention sdpa, micro batch 4 x accum 1 x 4 ranks = 16 "
+            "sequences/step, 4,096 tokens/step") in start[0], start[0]
+    warnings = [x for x in lines if x.startswith("warning")]
+    assert len(warnings) == len(set(warnings)), warnings  # each said once, not once per rank
+
+
+def test_no_argument_command_without_data_prints_one_error_on_4_ranks(tmp_path):
+    """The same command before run.sh has laid out data/: exit 2 and one error line (rank 0's), not one per rank."""
+    log = tmp_path / "log.txt"
+    p = ds_launch_4(ROOT / "llm" / "pretrain.py", tmp_path, log)
+    try:
+        rc = p.wait(timeout=240)
+    finally:
+        kill_group(p)
+    out = log.read_text(errors="replace")
+    errors = [x for x in out.splitlines() if x.startswith("error")]
+    assert rc == 2 and "Traceback" not in out, out[-4000:]
+    assert len(errors) == 1 and "data/demo/meta.json: not found" in errors[0], "\n".join(errors)
+
+
+def ds_launch_4(script, cwd: Path, log: Path) -> subprocess.Popen:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(Path(PY).with_name("deepspeed")), "--num_gpus", "4", "--master_port", str(port), str(script)]
+    return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
