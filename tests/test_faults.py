@@ -479,14 +479,14 @@ def test_two_rank_sigkill_then_resume_gives_the_same_weights(data_dir, ds_refere
 
 
 @pytest.fixture(scope="module")
-def lora_base(tmp_path_factory):
-    """The tiny `debug` model with a ChatML tokenizer, saved as a Hugging Face directory (the SFT base)."""
-    from test_sft import chat_tokenizer, tiny_model  # noqa: F401 - test_sft's own session fixture, reused
+def lora_base(chat_tokenizer, tmp_path_factory):
+    """The tiny `debug` model with the ChatML tokenizer, saved as a Hugging Face directory (the SFT base)."""
+    from conftest import tiny_model
 
     from llm.hf_format import save_model
 
-    tok = chat_tokenizer.__wrapped__(tmp_path_factory)
-    return save_model(tiny_model(tok), tmp_path_factory.mktemp("faults-lora") / "base", tokenizer=tok)
+    return save_model(tiny_model(chat_tokenizer), tmp_path_factory.mktemp("faults-lora") / "base",
+                      tokenizer=chat_tokenizer)
 
 
 def lora_args(base: Path, run: Path, *extra) -> list:
