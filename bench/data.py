@@ -1,4 +1,4 @@
-"""Data preparation throughput: tools/prepare_data.py (llm.data.prepare) vs the few lines a user would write.
+"""Data preparation throughput: tools/prepare_data.py (llm.prepare.prepare) vs the few lines a user would write.
 
     python bench/data.py [--mb 40] [--repeats 3]      # ours (1 and 2 workers) vs the baseline, .txt and .jsonl
     python bench/data.py --scaling [--sizes 4,40,400] # time and peak memory of ours as the input grows
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from llm.corpora import iter_documents
-from llm.data import prepare
+from llm.prepare import prepare
 
 DEFAULT_TOKENIZER = Path("data/tokenizer/tokenizer.model")
 

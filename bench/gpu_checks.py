@@ -32,7 +32,7 @@ def _peak_reset(device):
 def _peak_gb(device, base: int = 0):
     if device.type == "cuda":
         return round((torch.cuda.max_memory_allocated(device) - base) / 2**30, 3)
-    from llm.trainer import memory_gb
+    from llm.train.metrics import memory_gb
 
     return round(memory_gb(device), 3)  # the process's peak RSS on CPU
 
@@ -187,7 +187,7 @@ def longlora_memory(sec) -> None:
     """One forward+backward of a LongLoRA model (LoRA + trainable embeddings/norms, YaRN) at 8k tokens: peak memory
     with S²-Attn (training attention), full causal attention, and S²-Attn with activation checkpointing."""
     from llm.longlora import disable_s2_attn, enable_s2_attn, extend_context, longlora_trainable
-    from llm.sft import LoraOptions, add_lora
+    from llm.tasks.lora import LoraOptions, add_lora
 
     dev = sec.device
     preset, T, dtype = ("debug", 128, torch.float32) if sec.dry else ("125M", 8192, torch.bfloat16)

@@ -108,7 +108,7 @@ def passkey(model, vocab: int, length: int, trials: int, trained: int, device, s
 
 def context_extension(sec) -> None:
     from llm.longlora import enable_s2_attn, extend_context, longlora_trainable
-    from llm.sft import LoraOptions, add_lora
+    from llm.tasks.lora import LoraOptions, add_lora
 
     dev = sec.device
     if sec.dry:

@@ -12,7 +12,7 @@ from train import engine_for, hf_loss  # bench/train.py: the same engine set-up 
 
 
 def _plan(stage: int, micro_batch: int, precision: str, lr: float = 1e-4):
-    from llm.trainer import TrainConfig, preflight
+    from llm.train import TrainConfig, preflight
 
     cfg = TrainConfig(run_dir="/tmp/bench-gpu-train", ds_config=f"zero{stage}", micro_batch_size=micro_batch,
                       precision=precision, lr=lr, min_lr=lr / 10, warmup_steps=0, max_steps=10**6, resume="auto")
@@ -84,7 +84,10 @@ def _ratios(sec) -> None:
 def throughput(sec) -> None:
     from llm.config import ModelArgs
     from llm.model import DecoderLayer
-    from llm.trainer import compile_model, init_distributed, lm_loss, memory_gb, peak_flops
+    from llm.compile import compile_model
+    from llm.tasks.lm import lm_loss
+    from llm.train.dist import init_distributed
+    from llm.train.metrics import memory_gb, peak_flops
 
     _, world, device = init_distributed()
     if sec.dry:  # (preset, seq, micro batch); warmup, steps, repeats. bf16 steps are slow on these CPUs: fp32
@@ -164,7 +167,8 @@ def markov_tokens(vocab: int, batch: int, length: int, seed: int = 0, fanout: in
 def bf16_parity(sec) -> None:
     """The same model, batches and optimizer, trained in fp32 and in bf16 (DeepSpeed ZeRO-0): the loss curves."""
     from llm.config import ModelArgs
-    from llm.trainer import init_distributed, lm_loss
+    from llm.tasks.lm import lm_loss
+    from llm.train.dist import init_distributed
 
     _, _, device = init_distributed()
     preset, seq, mb, n_steps = ("debug", 64, 4, 8) if sec.dry else ("125M", 512, 8, 30)

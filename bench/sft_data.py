@@ -1,9 +1,9 @@
-"""Fine-tuning data readiness: time and peak memory until `llm.sft.build_data` hands the trainer its datasets.
+"""Fine-tuning data readiness: time and peak memory until `llm.tasks.lm.chat_splits` hands the trainer its datasets.
 
     python bench/sft_data.py [--n 100000] [--tokenizer PATH] [--workdir DIR]
 
 Writes a chat jsonl of `--n` records (the built-in idiom and chitchat chats, repeated with numbered prompts, so
-every record is its own and the split differs from the built-ins'), then runs `build_data` in a fresh process,
+every record is its own and the split differs from the built-ins'), then runs `chat_splits` in a fresh process,
 cold (no token cache: it tokenizes and writes one) and warm (the cache is there), and prints for each the seconds
 (wall, and CPU in the process and in its tokenizing workers: the machine may be shared) and the peak RSS
 (ru_maxrss) of that process and of its largest worker, next to its RSS after the imports. Without `--tokenizer` it
@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 def make_chats(path: Path, n: int) -> int:
-    from llm.sft_data import load_chats
+    from llm.sft_sources import load_chats
 
     pool = [c for _, c in load_chats("builtin:idioms", None)] + [c for _, c in load_chats("builtin:chitchat", None)]
     with open(path, "w", encoding="utf-8") as f:
@@ -37,7 +37,7 @@ def make_chats(path: Path, n: int) -> int:
 def train_tokenizer(prefix: Path) -> Path:
     import sentencepiece as spm
 
-    from llm.sft_data import load_chats
+    from llm.sft_sources import load_chats
 
     texts = [m["content"] for _, c in load_chats("builtin:chatterbot") for m in c]
     texts += [m["content"] for _, c in load_chats("builtin:idioms")[:3000] for m in c]
@@ -49,23 +49,22 @@ def train_tokenizer(prefix: Path) -> Path:
 
 
 def measure(data: str, tokenizer: str, seq_len: int) -> dict:
-    """build_data in this process (run as a child): seconds, RSS after imports, peak RSS (MB)."""
+    """chat_splits in this process (run as a child): seconds, RSS after imports, peak RSS (MB)."""
     import llm
-    from llm.sft import build_data
+    from llm.tasks.lm import chat_splits
     from llm.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(tokenizer)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0, cpu0 = time.perf_counter(), sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
-    train_ds, val_ds, collate, _ = build_data(data, None, tok, None, seq_len, True, False, 0.05, None, 0,
-                                              log=lambda *a: None)
-    collate([train_ds[0], train_ds[len(train_ds) - 1]])  # the first batch is ready
+    train, val, collate, _ = chat_splits(data, None, tok, seq_len, True, False, 0.05, None, 0)
+    collate([train.dataset[0], train.dataset[len(train.dataset) - 1]])  # the first batch is ready
     seconds = time.perf_counter() - t0
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"seconds": round(seconds, 2), "cpu_seconds": round(own.ru_utime + own.ru_stime - cpu0, 2),
             "worker_cpu_seconds": round(kids.ru_utime + kids.ru_stime, 2), "rss_after_imports_mb": round(base),
             "peak_rss_mb": round(own.ru_maxrss / 1024), "worker_peak_rss_mb": round(kids.ru_maxrss / 1024),
-            "examples": train_ds.n_examples, "sequences": len(train_ds), "llm": str(Path(llm.__file__).parent)}
+            "examples": train.dataset.n_examples, "sequences": len(train.dataset), "llm": str(Path(llm.__file__).parent)}
 
 
 def main():

@@ -28,8 +28,12 @@ import torch.nn.functional as F
 from llm.cli import run_cli
 from llm.config import ModelArgs
 from llm.model import Transformer
-from llm.trainer import (TrainConfig, compile_model, init_distributed, lm_loss, lr_scheduler, make_optimizer,
-                         memory_gb, peak_flops, preflight)
+from llm.compile import compile_model
+from llm.tasks.lm import lm_loss
+from llm.train import TrainConfig, preflight
+from llm.train.dist import init_distributed
+from llm.train.metrics import memory_gb, peak_flops
+from llm.train.plan import lr_scheduler, make_optimizer
 
 
 def engine_for(model, cfg: TrainConfig, ds_config: dict):

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from llm.cli import run_cli
+from llm.tokenizer_train import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -39,19 +40,19 @@ DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"
 DRIVER = r'''
 import json, resource, sys
 import torch
-import llm.trainer as trainer
+import llm.train.loop as loop
 from llm.cli import run_cli
-from llm.pretrain import pretrain
+from llm.pretrain import main as pretrain
 
 def rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 peak = {}
-save = trainer.save_checkpoint
+save = loop.save_checkpoint
 def first_save_records_the_training_peak(*a, **k):
     peak.setdefault("train", rss_gb())
     return save(*a, **k)
-trainer.save_checkpoint = first_save_records_the_training_peak
+loop.save_checkpoint = first_save_records_the_training_peak
 run_cli(pretrain, [a for a in sys.argv[1:] if not a.startswith("--local_rank")])
 peak["process"] = rss_gb()
 peaks = [None] * torch.distributed.get_world_size()
@@ -68,19 +69,13 @@ def _free_port() -> int:
 
 
 def _data(work: Path) -> Path:
-    """A tokenizer and token shards from built-in Shakespeare (a few seconds)."""
-    import runpy
+    """A tokenizer and token shards of built-in Shakespeare (its own held-out split; a few seconds)."""
+    from llm.prepare import prepare
 
-    from llm.corpora import iter_documents
-    from llm.data import prepare
-
-    text = [doc.strip() for doc in iter_documents("builtin:shakespeare", "train", max_bytes=300_000)]
-    (work / "text.txt").write_text("\n\n".join(text), encoding="utf-8")
-    runpy.run_path(str(ROOT / "tools" / "train_tokenizer.py"))["train_tokenizer"](
-        inputs=[str(work / "text.txt")], out=str(work / "tok" / "tokenizer.model"), vocab_size=1500,
-        max_sentences=20_000, preset="debug")
-    prepare([str(work / "text.txt")], out=str(work / "data"), tokenizer=str(work / "tok" / "tokenizer.model"),
-            val_fraction=0.05, workers=1)
+    tok = work / "tok" / "tokenizer.model"
+    train_tokenizer(inputs=["builtin:shakespeare"], out=str(tok), vocab_size=1500, max_sentences=20_000,
+                    preset="debug")
+    prepare(["builtin:shakespeare"], out=str(work / "data"), tokenizer=str(tok), workers=1)
     return work / "data"
 
 

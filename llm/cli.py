@@ -35,17 +35,29 @@ def strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def defaults_from(path: str | os.PathLike):
+    """Decorator: the entry point's settings default to the YAML `path` (run_cli reads it first; a `--config` and
+    the options override it), so a default is written once, in the config file."""
+    def mark(fn: Callable) -> Callable:
+        fn.default_config = path
+        return fn
+
+    return mark
+
+
 def run_cli(component: Callable | dict[str, Callable], args: list[str] | None = None,
             default_config: str | os.PathLike | None = None) -> Any:
-    """Run `component` (a function, or {subcommand: function}) as a command line. `default_config`: a YAML whose
-    values replace the signature's defaults (a `--config` and the options still override it)."""
+    """Run `component` (a function, or {subcommand: function}) as a command line. `default_config` (default: the
+    one `defaults_from` gave the function): a YAML whose values replace the signature's defaults (a `--config` and
+    the options still override it)."""
     from argparse import ArgumentError
 
     from jsonargparse import CLI
 
-    from llm.config import check_args, schema_of
+    from llm.settings_check import check_args, schema_of
 
     args = strip_local_rank(sys.argv[1:] if args is None else args)
+    default_config = default_config or getattr(component, "default_config", None)
     once = os.environ.get("RANK", "0") == "0"  # every rank parses the same arguments: one of them says what is wrong
     try:
         check_args(schema_of(component), args)  # YAML and option mistakes: one line naming file, line and key

@@ -44,3 +44,26 @@ def resolve(setting: Union[CompileSetting, bool, None], device_type: str, pays: 
             warn(f"warning: compile requested but {problem} — running eagerly")
         return False
     return setting == "true" or pays
+
+
+# Tokens a run must still train on for compile=auto to switch compilation on: compiling the model's forward and
+# backward takes ~30-60 s on a 2-core CPU (a minute or two on a GPU) and saves ~15-20% of every later step.
+TRAIN_COMPILE_MIN_TOKENS = {"cpu": 1_000_000, "cuda": 50_000_000}
+
+
+def compile_model(model) -> str:
+    """torch.compile `model` in place for training; returns what was compiled. Our Transformer is compiled whole
+    (one graph from the embedding to the logits: on 2 CPU threads ~10% faster than block by block, as fast as
+    transformers' model compiled whole); inside wrappers that call its methods rather than the module (peft's
+    LoRA calls `.forward`, the classifier `.hidden_states`) each decoder block is compiled instead (torchtitan's
+    per-block compile: one graph reused by every block). The engine keeps calling the same modules, and the
+    parameter names do not change (checkpoints and resume are unaffected)."""
+    from llm.model import DecoderLayer, Transformer
+
+    if isinstance(model, Transformer):
+        model.compile()
+        return "the model"
+    blocks = [m for m in model.modules() if isinstance(m, DecoderLayer)]
+    for block in blocks:
+        block.compile()
+    return f"{len(blocks)} decoder blocks"

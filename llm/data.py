@@ -211,12 +211,3 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     def __getstate__(self):  # the permutation is rebuilt in the receiving process
         return {**self.__dict__, "_perm": None}
-
-
-def __getattr__(name: str):
-    """`prepare` lives in llm/prepare.py (it imports this module); still importable from here."""
-    if name == "prepare":
-        from llm.prepare import prepare
-
-        return prepare
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

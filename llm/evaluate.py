@@ -19,6 +19,7 @@ import json
 import math
 import random
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,14 +30,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from llm.cli import UserError
-
-
-def load_any(path, dtype: torch.dtype = torch.float32, device="cpu"):
-    """A model (our `Transformer`) from any HF Llama directory: ours, converted, SFT-merged or GPTQ-quantized
-    (`load_model` hands quantized directories to llm.quant)."""
-    from llm.hf_format import load_model
-
-    return load_model(path, dtype=dtype, device=device)
 
 
 def _token_logprobs(model, tokens: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
@@ -124,6 +117,33 @@ def corpus_tokens(source: str, tokenizer, split: str = "val", max_tokens: Option
 
 
 # ----------------------------------------------------------------------------------------------- multiple choice
+def corpus_perplexity(model: str, source: str, split: str = "val", ctx_len: Optional[int] = None,
+                      stride: Optional[int] = None, max_tokens: Optional[int] = None, batch_size: int = 4,
+                      device="auto", dtype: torch.dtype = torch.float32) -> dict:
+    """tools/eval.py ppl: perplexity and bits per byte of the model directory `model` on `source` (a text file, a
+    data dir, builtin:NAME), with windows of ctx_len tokens advancing by `stride`."""
+    from llm.hf_format import load_model, load_tokenizer, read_config
+
+    args, _ = read_config(model)  # data errors show before the weights load
+    if Path(source).name == "meta.json" and Path(source).is_file():
+        raise UserError(f"--source {source}: give the data directory, --source {Path(source).parent}, not its "
+                        "meta.json")
+    is_bin = (Path(source) / "meta.json").is_file()
+    tokenizer = load_tokenizer(model, required=not is_bin)
+    ids, n_bytes = corpus_tokens(source, tokenizer, split, max_tokens, vocab_size=args.vocab_size)
+    if len(ids) and int(ids.max()) >= args.vocab_size:
+        raise UserError(f"{source}: token id {int(ids.max())} >= the model's vocab_size {args.vocab_size} — "
+                        "the data was tokenized with another tokenizer")
+    ctx_len = ctx_len or min(args.max_seq_len, 1024)
+    stride = stride or max(1, ctx_len // 2)
+    net = load_model(model, dtype=dtype, device=device)
+    t0 = time.time()
+    r = perplexity(net, ids, ctx_len, stride, batch_size, progress=True)
+    return {"model": model, "source": source, "split": split, "ctx_len": ctx_len, "stride": stride,
+            "tokens": r["tokens"], "bytes": n_bytes, "nll_per_token": r["nll"] / r["tokens"], "ppl": r["ppl"],
+            "bpb": r["nll"] / math.log(2) / n_bytes if n_bytes else None, "seconds": round(time.time() - t0, 1)}
+
+
 @dataclass
 class Example:
     """One question: choice i is the text `contexts[i] + endings[i]` (contexts differ only for winogrande)."""

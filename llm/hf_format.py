@@ -21,6 +21,9 @@ from llm.config import ModelArgs
 from llm.model import Transformer
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # old transformers checkpoints carry this buffer
+# What a trained model directory records about its training data, `{"data": SPEC}` (SPEC: the training command's
+# `--data`, paths absolute): written by the language-modelling tasks, read by quantization to calibrate on it.
+TRAINING_DATA_FILE = "training_data.json"
 
 
 def read_config(path: str | os.PathLike) -> tuple[ModelArgs, dict]:
@@ -41,7 +44,7 @@ def read_config(path: str | os.PathLike) -> tuple[ModelArgs, dict]:
         raise UserError(str(e)) from None
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -60,7 +63,7 @@ def _weight_files(path: Path) -> list[Path]:
 
 def load_state_dict(path: str | os.PathLike, dtype: Optional[torch.dtype] = None, device="cpu") -> dict[str, torch.Tensor]:
     sd = {}
-    for f in _weight_files(Path(path)):
+    for f in weight_files(Path(path)):
         if not f.is_file():
             raise UserError(f"{f}: listed in model.safetensors.index.json but missing")
         try:
@@ -89,22 +92,24 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def load_model(path: str | os.PathLike, dtype: Optional[torch.dtype] = torch.float32, device="cpu",
-               args: Optional[ModelArgs] = None, state_dict: Optional[dict[str, torch.Tensor]] = None) -> Transformer:
-    """A `Transformer` with the weights of the Hugging Face Llama directory `path` (or `state_dict`, checked
-    against its config.json: llm.quant.load_quantized passes the dequantized weights of a GPTQ directory).
-    device: cpu, cuda[:N] or auto (`resolve_device`)."""
-    device = resolve_device(device)
-    path = Path(path)
-    model_args, cfg = read_config(path)
-    if cfg.get("quantization_config") and state_dict is None:
-        from llm.quant import load_quantized  # dequantizes GPTQ weights into our model
-        return load_quantized(path, dtype=dtype, device=device)
-    args = args or model_args
-    sd = dict(state_dict) if state_dict is not None else load_state_dict(path, dtype, device)
+def materialize(model: Transformer, device="cpu") -> Transformer:
+    """Finish a Transformer built on the meta device whose tensors were then assigned (`load_state_dict(...,
+    assign=True)`, also inside a peft or classifier wrapper): re-tie lm_head to the embeddings, build the RoPE
+    tables on `device`."""
+    if model.args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_rope(torch.device(device))
+    return model
+
+
+def build_model(args: ModelArgs, state_dict: dict[str, torch.Tensor], device="cpu", where: str = "the weights") \
+        -> Transformer:
+    """The one way to make a `Transformer` from `args` and a state dict: names and shapes checked (one UserError
+    naming `where`), tensors assigned without a copy, lm_head tied when the config says so."""
+    sd = dict(state_dict)
     with torch.device("meta"):
         model = Transformer(args)
-    expected = {k: v for k, v in model.state_dict().items()}
+    expected = dict(model.state_dict())
     if args.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
         sd.pop("lm_head.weight", None)
@@ -116,25 +121,47 @@ def load_model(path: str | os.PathLike, dtype: Optional[torch.dtype] = torch.flo
             parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[:3]}")
-        raise UserError(f"{path}: weights do not match config.json ({'; '.join(parts)}); "
+        raise UserError(f"{where}: weights do not match config.json ({'; '.join(parts)}); "
                         "is config.json from a different model?")
     for k, t in expected.items():
         if tuple(sd[k].shape) != tuple(t.shape):
-            raise UserError(f"{path}: tensor {k} has shape {tuple(sd[k].shape)} but config.json implies "
+            raise UserError(f"{where}: tensor {k} has shape {tuple(sd[k].shape)} but config.json implies "
                             f"{tuple(t.shape)}; config.json and the weights disagree")
     model.load_state_dict(sd, strict=False, assign=True)
-    if args.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.reset_rope(torch.device(device))
-    return model.eval()
+    return materialize(model, device)
+
+
+def load_model(path: str | os.PathLike, dtype: Optional[torch.dtype] = torch.float32, device="cpu") -> Transformer:
+    """A `Transformer` with the weights of the Hugging Face Llama directory `path` (GPTQ weights dequantized to
+    `dtype`, llm.gptq_format). device: cpu, cuda[:N] or auto (`resolve_device`)."""
+    device = resolve_device(device)
+    args, cfg = read_config(path)
+    if cfg.get("quantization_config"):
+        from llm.gptq_format import dequantized_state_dict
+
+        sd = dequantized_state_dict(load_state_dict(path, device=device), cfg["quantization_config"], path, dtype)
+    else:
+        sd = load_state_dict(path, dtype, device)
+    return build_model(args, sd, device, str(path)).eval()
+
+
+def load_tokenizer(path: str | os.PathLike, required: bool = False):
+    """The tokenizer saved in a model directory (tokenizer.model or tokenizer.json): None when there is none, or
+    with `required` a UserError saying so."""
+    from llm.tokenizer import Tokenizer
+
+    d = Path(path)
+    if required or (d / "tokenizer.model").is_file() or (d / "tokenizer.json").is_file():
+        return Tokenizer.from_dir(d)
+    return None
 
 
 def save_model(model: Transformer, path: str | os.PathLike, tokenizer=None, dtype: Optional[torch.dtype] = None,
                state_dict: Optional[dict[str, torch.Tensor]] = None, extra_config: Optional[dict] = None,
-               overwrite: bool = True, inputs: tuple = ()) -> Path:
+               overwrite: bool = True, inputs: tuple = (), extra_files: Optional[dict[str, str]] = None) -> Path:
     """Write `model` as a Hugging Face Llama directory at `path` (atomically, by `llm.writer`).
 
-    `state_dict` overrides the model's tensors (e.g. weights consolidated from a ZeRO-3 checkpoint); `tokenizer`
+    `extra_files` ({name: text}) are written beside them. `state_dict` overrides the model's tensors (e.g. weights consolidated from a ZeRO-3 checkpoint); `tokenizer`
     (llm.tokenizer.Tokenizer) writes its files next to the weights. An existing `path` is replaced only if it is
     a model directory of the toolkit and `overwrite`, and never if it is or holds one of `inputs`.
     """
@@ -163,4 +190,31 @@ def save_model(model: Transformer, path: str | os.PathLike, tokenizer=None, dtyp
         save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():  # e.g. training_data.json (llm.quant.TRAINING_DATA_FILE)
+            (tmp / name).write_text(text, encoding="utf-8")
     return path
+
+
+def from_deepspeed(checkpoint_dir: str | os.PathLike, dst: str | os.PathLike, dtype: Optional[str] = None,
+                   tokenizer=None) -> Path:
+    """A DeepSpeed checkpoint of the trainer (step_N dir, checkpoints/ or run dir) -> a Hugging Face Llama
+    directory. fp32 weights come from DeepSpeed's own consolidation (zero_to_fp32; ZeRO-0 checkpoints hold the
+    whole module), are cast to `dtype` (fp32/bf16/fp16; default the training's save dtype) and saved with the
+    tokenizer the run used."""
+    from llm.tokenizer import Tokenizer
+    from llm.train import DTYPES
+    from llm.train.checkpoint import STATE_FILE, consolidated_state_dict, find_checkpoint
+
+    tag_dir = find_checkpoint(checkpoint_dir)
+    if tag_dir is None:
+        raise UserError(f"{checkpoint_dir}: no DeepSpeed checkpoint (step_N directory) found")
+    meta = json.loads((tag_dir / STATE_FILE).read_text())
+    if meta.get("model_config") is None:
+        raise UserError(f"{tag_dir}: the checkpoint records no model config (not a Transformer run)")
+    args = ModelArgs.from_hf_config(meta["model_config"])
+    sd = consolidated_state_dict(tag_dir, meta["zero_stage"])
+    if tokenizer is None and meta.get("tokenizer") and Path(meta["tokenizer"]).is_file():
+        tokenizer = Tokenizer.from_file(meta["tokenizer"])
+    with torch.device("meta"):
+        shell = Transformer(args)  # only its args are used: the tensors come from `sd`
+    return save_model(shell, dst, tokenizer=tokenizer, dtype=DTYPES[dtype or meta["save_dtype"]], state_dict=sd)

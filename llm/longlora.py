@@ -75,6 +75,7 @@ def enable_s2_attn(model: Transformer, group_size_ratio: float = 0.25) -> None:
 
 
 def disable_s2_attn(model: Transformer) -> None:
+    """Back to full attention (S²-Attn is a training-time hook: an exported model must not carry it)."""
     for layer in model.model.layers:
         layer.self_attn.train_attn_fn = None
 

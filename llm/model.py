@@ -146,6 +146,13 @@ def flash_ok(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
 
+def attention_kernel(device: torch.device, precision: str) -> str:
+    """The attention a training forward takes on `device` in `precision`: flash-attn's when it is importable on
+    CUDA in 16-bit (flash_ok), else torch's scaled_dot_product_attention."""
+    half = precision in ("bf16", "fp16")
+    return "flash-attn" if flash_attn_func is not None and device.type == "cuda" and half else "sdpa"
+
+
 def document_mask(segments: torch.Tensor) -> torch.Tensor:
     """(B, T) document index per token -> bool (B, 1, T, T): causal within a document, nothing across documents."""
     i = torch.arange(segments.shape[1], device=segments.device)

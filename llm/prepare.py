@@ -3,7 +3,7 @@
 
 The parent process cuts the inputs into chunks of whole documents (llm/corpora.py) and N worker processes tokenize
 them (all per-token work happens there); the parent only appends ids to shards of bounded size. Documents of files
-are held out by `llm.corpora.is_held_out` of their content (built-in corpora come with their own split); exact
+are held out by `llm.data_rules.is_held_out` of their content (built-in corpora come with their own split); exact
 duplicates can be dropped by a content hash. The build happens in a hidden temporary directory, meta.json is
 written last with `"complete": true`, and the directory is renamed into place (llm.writer) — an interrupted or
 failed run (Ctrl-C, kill -TERM, a bad input) leaves nothing half-written behind.
@@ -27,7 +27,8 @@ from typing import Iterator, Literal, Optional, Union
 import numpy as np
 
 from llm.cli import UserError
-from llm.corpora import HELD_OUT_RULE, Chunk, expand_inputs, is_held_out, iter_documents, parse_chunk, read_chunks
+from llm.corpora import Chunk, expand_inputs, iter_documents, parse_chunk, read_chunks
+from llm.data_rules import HELD_OUT_RULE, is_held_out
 from llm.data import DTYPES, META, dtype_for_vocab, read_meta
 
 _WORKER: dict = {}
@@ -285,7 +286,7 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
         text_key: field of jsonl records / column of parquet files that holds the text.
         txt_docs: how .txt files split into documents: at blank lines, one per line, or one per file.
         val_fraction: share of documents held out for validation, chosen by a hash of the content with `seed`
-            (llm.corpora.is_held_out; built-in corpora use their own held-out documents).
+            (llm.data_rules.is_held_out; built-in corpora use their own held-out documents).
         seed: seed of the train/val assignment.
         dedupe: drop exact duplicate documents (by content hash); the count dropped is reported.
         dtype: token dtype on disk; auto = uint16 when the vocabulary fits, else uint32.

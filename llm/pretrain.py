@@ -14,23 +14,23 @@ from node0 (passwordless ssh), or without ssh one launcher per node:
 (two "nodes" on one machine: `slots=1` each and `--master_addr 127.0.0.1`; tests/test_pretrain.py does that).
 
 The model is a preset of llm/config.py with optional field overrides (`--model.dim 768`); its vocabulary and
-special ids come from the data's tokenizer (meta.json). The loop, checkpoints and logging are llm/trainer.py.
+special ids come from the data's tokenizer (meta.json). The loop, checkpoints and logging are llm/train/;
+the task is llm/tasks/lm.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from llm.cli import UserError, run_cli
+from llm.cli import UserError, defaults_from, run_cli
 from llm.config import ModelArgs
-from llm.trainer import TrainConfig, preflight
-from llm.trainer import train as run_training  # `train` is the name of pretrain()'s config argument
+from llm.train import TrainConfig, dist, fit, preflight
 
 DEFAULT_DATA = "data/demo"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs/pretrain/cpu-demo.yaml"
 
 
 def model_args(preset: str, overrides: Optional[dict], meta: dict, tokenizer) -> ModelArgs:
@@ -48,13 +48,10 @@ def model_args(preset: str, overrides: Optional[dict], meta: dict, tokenizer) ->
         raise UserError(f"--preset {preset} / --model: {e}") from None
 
 
-def pretrain(preset: str = "cpu-demo", model: Optional[dict[str, Any]] = None, data: str = DEFAULT_DATA,
-             tokenizer: Optional[str] = None, seq_len: Optional[int] = None,
-             train: TrainConfig = TrainConfig(run_dir="runs/cpu-demo", ds_config="zero1", micro_batch_size=8,
-                                              global_batch_size=16, lr=4e-3, min_lr=4e-4, warmup_steps=30,
-                                              max_steps=300, log_every=10, eval_every=100, eval_batches=8,
-                                              save_every=100)) -> dict:
-    """Pretrain a model on DATA/{train,val}_*.bin (tools/prepare_data.py).
+@defaults_from(DEFAULT_CONFIG)
+def main(preset: str = "cpu-demo", model: Optional[dict[str, Any]] = None, data: str = DEFAULT_DATA,
+         tokenizer: Optional[str] = None, seq_len: Optional[int] = None, train: TrainConfig = TrainConfig()) -> dict:
+    """Pretrain a model on DATA/{train,val}_*.bin (tools/prepare_data.py); returns the run's summary.
 
     Args:
         preset: model size from llm/config.py (debug, cpu-demo, 25M, 125M, 350M, 1B).
@@ -62,10 +59,15 @@ def pretrain(preset: str = "cpu-demo", model: Optional[dict[str, Any]] = None, d
         data: directory with meta.json and the token shards.
         tokenizer: tokenizer.model / tokenizer.json; default the one recorded in DATA/meta.json (must match it).
         seq_len: training context in tokens; default the model's max_seq_len.
-        train: the training loop's settings (llm.trainer.TrainConfig). The defaults are
+        train: the training loop's settings (llm.train.TrainConfig). On the command line the defaults are
             configs/pretrain/cpu-demo.yaml's, with the precision picked by the device (bf16 on GPU, fp32 on CPU).
     """
-    from llm.data import PretrainDataset, check_tokenizer, read_meta
+    import torch
+
+    from llm.data import check_tokenizer, read_meta
+    from llm.model import Transformer
+    from llm.tasks.lm import LanguageModelTask, shard_splits
+    from llm.tasks.zero3 import partitioned_transformer
     from llm.tokenizer import Tokenizer
 
     data_dir = Path(data)
@@ -77,13 +79,13 @@ def pretrain(preset: str = "cpu-demo", model: Optional[dict[str, Any]] = None, d
     meta = read_meta(data_dir)
     tok_path = tokenizer or meta.get("tokenizer")
     tok = None
-    if tok_path and Path(tok_path).is_file():
-        tok = Tokenizer.from_file(tok_path)
+    if tok_path and Path(tok_path).exists():
+        tok = Tokenizer.from_file(tok_path)  # a tokenizer.model / tokenizer.json, or the folder holding it
     elif tokenizer:
-        raise UserError(f"--tokenizer {tokenizer}: no such file")
+        raise UserError(f"--tokenizer {tokenizer}: no such file or folder")
     else:
-        print(f"warning: {data_dir / 'meta.json'} names tokenizer {tok_path}, which does not exist here — no "
-              "samples during training and no tokenizer in final/ (pass --tokenizer)")
+        dist.log(f"warning: {data_dir / 'meta.json'} names tokenizer {tok_path}, which does not exist here — no "
+                 "samples during training and no tokenizer in final/ (pass --tokenizer)")
     args = model_args(preset, model, meta, tok)
     check_tokenizer(meta, args.vocab_size, tok, data_dir)
     seq_len = seq_len or args.max_seq_len
@@ -91,67 +93,18 @@ def pretrain(preset: str = "cpu-demo", model: Optional[dict[str, Any]] = None, d
         raise UserError(f"--seq_len {seq_len}: must be in [1, model max_seq_len={args.max_seq_len}] — raise "
                         "--model.max_seq_len or lower --seq_len")
     plan = preflight(train)
-    rank = int(os.environ.get("RANK", "0"))
-    datasets = {}
-    for split in ("train", "val"):
-        if split == "val" and not meta["splits"].get("val", {}).get("shards"):
-            print(f"warning: {data_dir} has no val split — no evaluation")
-            datasets[split] = None
-            continue
-        datasets[split] = PretrainDataset(data_dir, split, seq_len, seed=train.seed, rank=rank,
-                                          world_size=plan.world_size, vocab_size=args.vocab_size, tokenizer=tok)
-
-    if rank == 0:
-        h = datasets["train"].unigram_entropy()
-        print(f"baseline: the unigram entropy of {data_dir} train is {h:.3f} nats/token (a model that ignores "
-              "context); the val loss should end well below it")
-
-    import torch
-
-    from llm.model import Transformer
-
+    train_split, val_split = shard_splits(data, seq_len, train.seed, args.vocab_size, tok,
+                                          world_size=plan.world_size)
+    if dist.is_main():
+        print(f"baseline: the unigram entropy of {data_dir} train is {train_split.dataset.unigram_entropy():.3f} "
+              "nats/token (a model that ignores context); the val loss should end well below it")
     if plan.zero_stage == 3:
         net = partitioned_transformer(args, plan.ds_config, train.seed)
     else:
         torch.manual_seed(train.seed)  # identical initial weights on every rank
         net = Transformer(args)
-    return run_training(net, datasets["train"], datasets["val"], train, tokenizer=tok)
-
-
-def partitioned_transformer(args: ModelArgs, ds_config: dict, seed: int):
-    """ZeRO-3: `Transformer(args)` created already partitioned over the ranks (deepspeed.zero.Init), so no rank
-    ever holds the whole model (each parameter exists in full only inside its own module's __init__). In fp32 the
-    weights are bit-identical to the unpartitioned `torch.manual_seed(seed); Transformer(args)` (tests/test_zero3.py):
-    the modules' own inits run on full tensors before partitioning, consuming the RNG as they would; then
-    `Transformer._init_weights` is replayed in `Module.apply`'s order (children first) with each module's parameters
-    and its children's gathered (o_proj/down_proj are re-drawn by their parent). DeepSpeed's own `apply` wrapper
-    gathers only a module's own parameters, so the parent's residual scaling would be lost; it is switched off
-    (override_module_apply), which makes __init__'s apply a no-op on the empty partitions (no RNG drawn)."""
-    import deepspeed
-    import torch
-
-    from llm.model import Transformer
-    from llm.trainer import init_distributed
-
-    init_distributed()
-    config = {**ds_config, "zero_optimization": {**ds_config.get("zero_optimization", {}),
-                                                 "override_module_apply": False}}
-    torch.manual_seed(seed)
-    with deepspeed.zero.Init(config_dict_or_path=config):
-        net = Transformer(args)
-
-    def replay(module):
-        for child in module.children():
-            replay(child)
-        params = {id(p): p for m in (module, *module.children()) for p in m.parameters(recurse=False)}
-        if params:  # every rank draws the same values; rank 0's are kept (broadcast on exit)
-            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-                net._init_weights(module)
-
-    with torch.no_grad():
-        replay(net)
-    return net
+    return fit(LanguageModelTask(net, train_split, val_split, tok, data=data), train)
 
 
 if __name__ == "__main__":
-    run_cli(pretrain)
+    run_cli(main)

@@ -5,16 +5,7 @@ arXiv 2210.17323) quantizes each Linear of a decoder layer column by column and 
 the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs on calibration text. RTN rounds
 each weight to the nearest point of the same grid: the baseline GPTQ is measured against. GPTQModel (the maintained
 successor of AutoGPTQ) does the work on CPU or GPU; both methods write the GPTQ checkpoint format that transformers
-(with optimum), vLLM and GPTQModel load. Per quantized Linear (in -> out features):
-
-    qweight (in*bits/32, out) int32   `bits`-bit codes q, packed back to back (little end first) along `in`
-    qzeros  (groups, out*bits/32)     zero points z, packed the same way along `out`; format "gptq" stores z - 1
-    scales  (groups, out) fp16        s
-    g_idx   (in,) int32               the group of each input feature (a permutation of groups with desc_act)
-    weight[o, i] = (q[i, o] - z[g_idx[i], o]) * s[g_idx[i], o]
-
-`load_quantized` applies that formula to build our `Transformer` (what `llm.hf_format.load_model` calls for a
-directory whose config.json has a quantization_config), so generation, chat and evaluation take the 4-bit model.
+(with optimum), vLLM and GPTQModel load, and our `llm.hf_format.load_model` reads (llm/gptq_format.py).
 """
 from __future__ import annotations
 
@@ -33,10 +24,9 @@ from safetensors.torch import load_file, save_file
 from llm.cli import UserError
 from llm.config import ModelArgs
 from llm import writer
-from llm.hf_format import load_model, load_state_dict, read_config
-from llm.model import Transformer
+from llm.gptq_format import SUPPORTED_BITS
+from llm.hf_format import TRAINING_DATA_FILE, read_config
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 # files of a model directory that are not weights or config: tokenizer, generation config, chat template, README
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -122,7 +112,7 @@ def text_tokens(source: str, tok, split: str, max_tokens: int, vocab_size: Optio
 
         return corpus_tokens(source, tok, split=split, max_tokens=max_tokens, vocab_size=vocab_size)
     from llm.chat import render, tokenize_chat
-    from llm.sft_data import load_chats
+    from llm.sft_sources import load_chats
 
     chats = [c for _, c in load_chats(source, split)]
     np.random.default_rng(seed).shuffle(chats)
@@ -137,10 +127,6 @@ def text_tokens(source: str, tok, split: str, max_tokens: int, vocab_size: Optio
     return np.asarray(ids[:max_tokens], dtype=np.int64), n_bytes
 
 
-# The training data a model directory records, `{"data": SPEC}` where SPEC is what the training command was given
-# (`--data`: a tools/prepare_data.py dir, a chat jsonl, builtin:idioms ...; paths absolute). llm/trainer.py
-# writes it into run_dir/final/; a quantized model calibrates on it.
-TRAINING_DATA_FILE = "training_data.json"
 # built-in text per language of a model from elsewhere; their validation splits are never drawn for calibration
 LANGUAGE_TEXT = {"en": "builtin:shakespeare", "zh": "builtin:renmin", "en+zh": "builtin:demo"}
 
@@ -268,50 +254,45 @@ def _finish_dir(src: Path, dst: Path, dtype: torch.dtype):
             shutil.copyfile(f, dst / f.name)
 
 
-# ----------------------------------------------------------------------------------------------- load
-def unpack(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """The first `n` `bits`-bit codes stored back to back, least significant bit first, in the int32 words along
-    the last dim of `words`: (..., W) -> (..., n) int64. One rule for 2/4/8 bits and for 3, whose codes straddle
-    words."""
-    shifts = torch.arange(32, device=words.device)
-    stream = (words.to(torch.int64).unsqueeze(-1) >> shifts) & 1  # (..., W, 32) bits of each word
-    codes = stream.flatten(-2)[..., :n * bits].unflatten(-1, (n, bits))  # (..., n, bits)
-    return (codes << torch.arange(bits, device=words.device)).sum(-1)
-
-
-def dequantize(qweight, qzeros, scales, g_idx, bits: int, zeros_minus_one: bool) -> torch.Tensor:
-    """The float32 (out, in) weight of one GPTQ Linear (formula in the module docstring)."""
-    n_in, n_out = g_idx.shape[0], scales.shape[1]
-    q = unpack(qweight.t(), bits, n_in)  # (out, in)
-    z = unpack(qzeros, bits, n_out)  # (groups, out)
-    if zeros_minus_one:  # GPTQ v1 format (AutoGPTQ's): zero points stored minus one, modulo 2**bits
-        z = (z + 1) & ((1 << bits) - 1)
-    g = g_idx.long()
-    return (q - z.t()[:, g]).float() * scales.t().float()[:, g]
-
-
-def load_quantized(path: str | os.PathLike, dtype: Optional[torch.dtype] = torch.float32, device="cpu") -> Transformer:
-    """Our `Transformer` with the GPTQ weights of `path` dequantized to `dtype` (float32 if None)."""
-    _, cfg = read_config(path)
-    q = cfg["quantization_config"]
-    fmt = q.get("checkpoint_format") or q.get("format") or "gptq"
-    if q.get("quant_method") != "gptq" or fmt not in ("gptq", "gptq_v2") or q.get("bits") not in SUPPORTED_BITS:
-        raise UserError(f"{Path(path) / 'config.json'}: quantization_config {q.get('quant_method')}/{fmt} "
-                        f"{q.get('bits')}-bit is not a GPTQ checkpoint this loader reads (gptq or gptq_v2 format, "
-                        "2/3/4/8 bits) — load it with transformers instead")
-    dtype = dtype or torch.float32
-    sd = load_state_dict(path, device=device)
-    for key in [k for k in sd if k.endswith(".qweight")]:
-        p = key.removesuffix(".qweight")
-        try:
-            parts = [sd.pop(f"{p}.{n}") for n in ("qweight", "qzeros", "scales", "g_idx")]
-        except KeyError as e:
-            raise UserError(f"{path}: {p} has a qweight but no {e.args[0]} — the checkpoint is incomplete") from None
-        sd[f"{p}.weight"] = dequantize(*parts, q["bits"], zeros_minus_one=fmt == "gptq")
-    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    return load_model(path, dtype=dtype, device=device, state_dict=sd)
-
-
 def dir_size(path: str | os.PathLike) -> int:
     """Bytes of all files in a model directory."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# ----------------------------------------------------------------------------------------------- report
+def newest_run_model(runs: str = "runs") -> Path:
+    """The most recently written `runs/*/final` model directory."""
+    found = sorted((p for p in Path(runs).glob("*/final") if (p / "config.json").is_file()),
+                   key=lambda p: (p / "config.json").stat().st_mtime)
+    if not found:
+        raise UserError(f"no --model given and no {runs}/*/final model directory — train one first (`bash run.sh`, "
+                        "or `deepspeed llm/pretrain.py --config configs/pretrain/cpu-demo.yaml`), or pass --model DIR")
+    return found[-1]
+
+
+def quality(model_dir: Path, ids, n_bytes: int, ctx_len: int, device: str) -> dict:
+    """Perplexity and bits per byte of the model in `model_dir` on `ids`: windows of ctx_len tokens advancing by
+    half of that, so every token is scored once with at least ctx_len/2 tokens of context."""
+    from llm.evaluate import perplexity
+    from llm.hf_format import load_model
+
+    model = load_model(model_dir, dtype=torch.float32, device=device)
+    r = perplexity(model, ids, ctx_len=ctx_len, stride=ctx_len // 2, batch_size=4, progress=True)
+    return {"ppl": r["ppl"], "bpb": r["nll"] / math.log(2) / n_bytes, "tokens": r["tokens"]}
+
+
+def print_table(r: dict):
+    mb = {k: v / 1e6 for k, v in r["size_bytes"].items()}
+    flags = ("" if r["sym"] else " asym") + (" act" if r["desc_act"] else "")
+    name = f"{r['method']} w{r['bits']} g{r['group_size']}{flags}"
+    rows = [("size on disk (MB)", f"{mb['original']:.1f}", f"{mb['quantized']:.1f}",
+             f"{mb['quantized'] / mb['original'] - 1:+.1%}")]
+    if "quantized" in r:
+        rows += [(label, f"{r['original'][k]:{fmt}}", f"{r['quantized'][k]:{fmt}}", f"{r['change'][k]:+.2%}")
+                 for label, k, fmt in (("perplexity", "ppl", ".3f"), ("bits per byte", "bpb", ".4f"))]
+    rows.append(("quantize time (s)", "", f"{r['quantize_seconds']:.1f}", ""))
+    print(f"\n{r['out']}  ({name}; held-out: {r['eval_data']})")
+    w = len(name) + 4
+    print(f"{'':20}{'original':>12}{name:>{w}}{'change':>10}")
+    for label, a, b, c in rows:
+        print(f"{label:20}{a:>12}{b:>{w}}{c:>10}")

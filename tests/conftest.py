@@ -69,3 +69,71 @@ def smollm2_dir(smollm2_gguf_file) -> Path:
         gguf_to_hf(src, dst)  # atomic: a crashed run leaves no half-written dst behind
         stamp_file.write_text(json.dumps(stamp))
     return dst
+
+
+# ----------------------------------------------------------------------------------------------- shared fixtures
+@pytest.fixture(scope="session")
+def chat_tokenizer(tmp_path_factory):
+    """A small sentencepiece BPE with the ChatML tokens, trained on the chatterbot + idiom built-ins."""
+    import sentencepiece as spm
+
+    from llm.sft_sources import load_chats
+    from llm.tokenizer import Tokenizer
+
+    texts = [m["content"] for _, c in load_chats("builtin:chatterbot") for m in c]
+    texts += [m["content"] for _, c in load_chats("builtin:idioms")[:3000] for m in c]
+    prefix = tmp_path_factory.mktemp("tok") / "tokenizer"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=2048, model_type="bpe",
+        byte_fallback=True, character_coverage=0.98, user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+        normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2)
+    return Tokenizer.from_file(f"{prefix}.model")
+
+
+def tiny_model(tok, seed=0, **kw):
+    """The debug preset with `tok`'s vocabulary, seeded."""
+    import torch
+
+    from llm import ModelArgs, Transformer
+
+    torch.manual_seed(seed)
+    return Transformer(ModelArgs.from_preset("debug", vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, **kw))
+
+
+@pytest.fixture
+def base_dir(tmp_path, chat_tokenizer):
+    from llm.hf_format import save_model
+
+    return save_model(tiny_model(chat_tokenizer), tmp_path / "base", tokenizer=chat_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def sp_dir(tmp_path_factory) -> Path:
+    """A small sentencepiece BPE with the chat tokens, saved as a HF tokenizer directory."""
+    from llm.tokenizer import Tokenizer
+    from llm.tokenizer_train import train_tokenizer
+
+    d = tmp_path_factory.mktemp("sp")
+    train_tokenizer(out=str(d / "tokenizer.model"), vocab_size=2000, max_sentences=20_000, preset="debug")
+    Tokenizer.from_file(d / "tokenizer.model").save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """Real English (Shakespeare) and Chinese (People's Daily) text, a real sentencepiece tokenizer (1,500 tokens)
+    and shards made by llm.prepare.prepare."""
+    from llm.corpora import iter_documents
+    from llm.prepare import prepare
+    from llm.tokenizer_train import train_tokenizer
+
+    d = tmp_path_factory.mktemp("pretrain-data")
+    text = [doc.strip() for src in ("builtin:shakespeare", "builtin:renmin")
+            for doc in iter_documents(src, "train", max_bytes=200_000)]
+    (d / "text.txt").write_text("\n\n".join(text), encoding="utf-8")
+    train_tokenizer(
+        inputs=[str(d / "text.txt")], out=str(d / "tok" / "tokenizer.model"), vocab_size=1500,
+        max_sentences=20_000, preset="debug")
+    prepare([str(d / "text.txt")], out=str(d / "data"), tokenizer=str(d / "tok" / "tokenizer.model"),
+            val_fraction=0.05, workers=1)
+    return d / "data"

@@ -12,7 +12,7 @@ from llm import ModelArgs, Transformer
 from llm.chat import IGNORE_INDEX
 from llm.model import document_mask, document_offsets, sdpa
 from llm.sft_data import SFTCollator
-from llm.trainer import lm_loss
+from llm.tasks.lm import lm_loss
 
 torch.set_num_threads(2)
 

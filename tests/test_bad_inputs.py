@@ -50,7 +50,7 @@ def cli_of(script: str) -> tuple:
 def fx(tmp_path_factory) -> dict[str, Path]:
     """A tokenizer, a tiny model saved with it and token shards made with it (the inputs the rows point at)."""
     from llm.config import ModelArgs
-    from llm.data import prepare
+    from llm.prepare import prepare
     from llm.hf_format import save_model
     from llm.model import Transformer
     from llm.tokenizer import Tokenizer
@@ -251,7 +251,7 @@ def test_the_table_covers_every_cli():
 def test_valid_configs_and_options_pass_the_check():
     """Every shipped config and the options the README shows pass `check_args` (no false alarms)."""
     from llm.cli import strip_local_rank
-    from llm.config import check_args, schema_of
+    from llm.settings_check import check_args, schema_of
 
     for script, pattern in ((PRETRAIN, "pretrain/*.yaml"), (SFT, "sft/*.yaml")):
         component, _ = cli_of(script)

@@ -23,16 +23,6 @@ CHAT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sp_dir(tmp_path_factory) -> Path:
-    """A small sentencepiece BPE with the chat tokens, saved as a HF tokenizer directory."""
-    d = tmp_path_factory.mktemp("sp")
-    train = runpy.run_path(str(ROOT / "tools" / "train_tokenizer.py"))["train_tokenizer"]
-    train(out=str(d / "tokenizer.model"), vocab_size=2000, max_sentences=20_000, preset="debug")
-    Tokenizer.from_file(d / "tokenizer.model").save_pretrained(d)
-    return d
-
-
 def test_render_format():
     assert render(CHAT[:3], add_generation_prompt=False) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"

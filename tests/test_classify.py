@@ -10,16 +10,15 @@ import pytest
 import torch
 
 from llm.cli import UserError
-from llm.sft_data import load_labelled
-from test_sft import base_dir, chat_tokenizer  # noqa: F401 - shared fixtures (a tokenizer and a tiny model dir)
+from llm.sft_sources import load_labelled
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_classifier_equals_transformers_sequence_classification(tmp_path, base_dir):  # noqa: F811
+def test_classifier_equals_transformers_sequence_classification(tmp_path, base_dir):
     from transformers import AutoModelForSequenceClassification
 
-    from llm.classify import Classifier, load_classifier, save_classifier
+    from llm.tasks.classify import Classifier, load_classifier, save_classifier
     from llm.hf_format import load_model
 
     torch.manual_seed(0)
@@ -54,14 +53,14 @@ def test_bad_classification_data(tmp_path):
 
 
 def _train_cfg(run_dir, steps, lr):
-    from llm.trainer import TrainConfig
+    from llm.train import TrainConfig
 
     return TrainConfig(run_dir=str(run_dir), ds_config="zero0", max_steps=steps, micro_batch_size=16, lr=lr,
                        min_lr=lr / 10, warmup_steps=min(5, steps - 1), weight_decay=0.0, eval_every=1000,
                        eval_batches=2, log_every=1000)
 
 
-def test_sentiment_learns_above_chance(tmp_path, base_dir, capsys):  # noqa: F811
+def test_sentiment_learns_above_chance(tmp_path, base_dir, capsys):
     """Full fine-tuning of the tiny random-init debug model on 1,600 reviews; accuracy on 400 held-out ones
     (majority class: 53%)."""
     from llm.classify import main
@@ -78,10 +77,11 @@ def test_sentiment_learns_above_chance(tmp_path, base_dir, capsys):  # noqa: F81
     assert float(evals[-1]["val_accuracy"]) == pytest.approx(r["accuracy"], abs=1 / 400)  # the final model's
 
 
-def test_lora_classifier_saves_merged_head_and_backbone(tmp_path, base_dir):  # noqa: F811
+def test_lora_classifier_saves_merged_head_and_backbone(tmp_path, base_dir):
     from transformers import AutoModelForSequenceClassification
 
-    from llm.classify import load_classifier, main
+    from llm.classify import main
+    from llm.tasks.classify import load_classifier
 
     r = main(str(base_dir), "builtin:sentiment", train=_train_cfg(tmp_path / "run", 3, 1e-2), max_examples=64,
              eval_examples=32, seq_len=32, lora=True)
@@ -125,7 +125,7 @@ def test_builtin_reviews_text_follows_the_classification_split():
 def test_length_bucketed_batches_cover_each_example_once_and_cut_padding():
     """Datasets with `lengths` get batches of similar lengths: every rank's micro batches together form one
     optimizer step over a sorted slice, no example is dealt twice, and padding falls well below random batches."""
-    from llm.trainer import _epoch_indices
+    from llm.train import Split
 
     class Lengths(torch.utils.data.Dataset):
         def __init__(self, lengths):
@@ -137,11 +137,12 @@ def test_length_bucketed_batches_cover_each_example_once_and_cut_padding():
     lengths = [int(x) for x in torch.randint(1, 128, (1000,), generator=torch.Generator().manual_seed(0))]
     ds, mb, world = Lengths(lengths), 8, 2
     n = len(ds) // world
-    ranks = [_epoch_indices(ds, 0, n, 0, r, world, mb) for r in range(world)]
+    split = Split(ds, lengths=ds.lengths)
+    ranks = [split.epoch_indices(0, n, 0, r, world, mb) for r in range(world)]
     assert all(len(r) == n // mb * mb for r in ranks)
     seen = [i for r in ranks for i in r]
     assert len(seen) == len(set(seen))
-    assert _epoch_indices(ds, 1, n, 0, 0, world, mb) != ranks[0]  # a new order every epoch
+    assert split.epoch_indices(1, n, 0, 0, world, mb) != ranks[0]  # a new order every epoch
 
     def padded(order):  # tokens in batches of mb padded to their longest
         return sum(mb * max(lengths[i] for i in order[b:b + mb]) for b in range(0, len(order) - mb + 1, mb))

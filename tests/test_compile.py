@@ -3,11 +3,11 @@ and decodes eagerly with the same tokens; a GPU without bf16 trains in fp16 with
 import torch
 
 import llm.compile
-import llm.trainer
+import llm.train.plan
 from llm.config import ModelArgs
 from llm.generate import generate
 from llm.model import Transformer
-from llm.trainer import TrainConfig, preflight
+from llm.train import TrainConfig, preflight
 
 
 def test_compile_without_a_cxx_compiler_warns_and_runs_eagerly(monkeypatch, tmp_path, capsys):
@@ -36,7 +36,7 @@ def test_resolve():
 
 
 def test_gpu_without_bf16_trains_in_fp16(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(llm.trainer, "on_cpu", lambda: False)
+    monkeypatch.setattr(llm.train.plan, "on_cpu", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100-SXM2-16GB")
     plan = preflight(TrainConfig(run_dir=str(tmp_path / "run")), world_size=1)
@@ -57,10 +57,11 @@ def test_compiled_blocks_equal_eager_under_longlora_and_the_classifier():
     classifier: loss and every trained gradient equal eager within float tolerance."""
     import copy
 
-    from llm.classify import Classifier, classify_loss
+    from llm.tasks.classify import Classifier, classify_loss
     from llm.longlora import enable_s2_attn, extend_context, longlora_trainable
-    from llm.sft import LoraOptions, add_lora
-    from llm.trainer import compile_model, lm_loss
+    from llm.compile import compile_model
+    from llm.tasks.lm import lm_loss
+    from llm.tasks.lora import LoraOptions, add_lora
 
     torch.manual_seed(0)
     base = Transformer(ModelArgs.from_preset("debug"))

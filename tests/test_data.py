@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from llm.cli import UserError, run_cli
-from llm.corpora import HELD_OUT_RULE, Chunk, is_held_out, iter_documents, parse_chunk, read_chunks
+from llm.corpora import Chunk, iter_documents, parse_chunk, read_chunks
+from llm.data_rules import HELD_OUT_RULE, is_held_out
 from llm.data import PretrainDataset, check_tokenizer, read_meta, split_tokens
 from llm.prepare import prepare
 from llm.tokenizer import Tokenizer
@@ -386,7 +387,7 @@ def test_byte_fragment_share_warns_on_text_the_vocabulary_lacks(tok_path, tmp_pa
     byte pieces are newlines, whole characters, and it passes silently."""
     import sentencepiece as spm
 
-    from llm.sft_data import load_labelled
+    from llm.sft_sources import load_labelled
 
     sp = spm.SentencePieceProcessor(model_file=str(tok_path))
     reviews = [t for t, _ in load_labelled("builtin:sentiment", "val")[:300]]

@@ -13,7 +13,6 @@ import torch
 
 from llm.cli import run_cli
 from llm.tokenizer import StreamDecoder, Tokenizer
-from test_chat import sp_dir  # noqa: F401 - shared fixture: a 2,000-token sentencepiece BPE and its HF files
 
 ROOT = Path(__file__).resolve().parents[1]
 FFFD = "\ufffd"

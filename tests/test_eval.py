@@ -103,7 +103,7 @@ def test_cli_mc_jsonl_and_passkey(smollm2_dir, tmp_path, capsys):
 
 
 def test_cli_ppl_on_bin_split(smollm2_dir, smol, text, tmp_path):
-    from llm.data import prepare
+    from llm.prepare import prepare
 
     src = tmp_path / "doc.txt"
     src.write_text(text[:1000] + "\n\n" + text[1000:2000] + "\n", encoding="utf-8")

@@ -9,7 +9,6 @@ Every launch is the real command line (`python llm/pretrain.py ...`, `python too
 import json
 import os
 import random
-import runpy
 import signal
 import subprocess
 import sys
@@ -22,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from llm.corpora import iter_documents
-from llm.trainer import consolidated_state_dict, find_checkpoint
+from llm.tokenizer_train import train_tokenizer
+from llm.train.checkpoint import consolidated_state_dict, find_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -77,13 +77,13 @@ def same_weights(a: Path, b: Path):
 def data_dir(tmp_path_factory) -> Path:
     """Real English + Chinese text, a real 1,500-token sentencepiece tokenizer and shards, built in-process
     (the CLIs themselves are exercised below)."""
-    from llm.data import prepare
+    from llm.prepare import prepare
 
     d = tmp_path_factory.mktemp("faults-data")
     text = [doc.strip() for src in ("builtin:shakespeare", "builtin:renmin")
             for doc in iter_documents(src, "train", max_bytes=60_000)]
     (d / "text.txt").write_text("\n\n".join(text), encoding="utf-8")
-    runpy.run_path(str(ROOT / "tools" / "train_tokenizer.py"))["train_tokenizer"](
+    train_tokenizer(
         inputs=[str(d / "text.txt")], out=str(d / "tok" / "tokenizer.model"), vocab_size=1500, preset="debug")
     prepare([str(d / "text.txt")], out=str(d / "data"), tokenizer=str(d / "tok" / "tokenizer.model"),
             val_fraction=0.05, workers=1)
@@ -167,13 +167,15 @@ import torch
 from llm.config import ModelArgs
 from llm.data import PretrainDataset
 from llm.model import Transformer
-from llm.trainer import TrainConfig, lm_loss, train
+from llm.tasks.lm import LanguageModelTask, lm_loss
+from llm.train import Split, TrainConfig, fit
 
 data, base, bad = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
-def loss_fn(engine, batch):  # the loss of one step's batch turns NaN (a bad batch, an overflow)
-    loss = lm_loss(engine, batch)
-    return loss * float("nan") if engine.training and engine.global_steps + 1 == bad else loss
+class NaNAtOneStep(LanguageModelTask):
+    def loss(self, engine, batch):  # the loss of one step's batch turns NaN (a bad batch, an overflow)
+        loss = lm_loss(engine, batch)
+        return loss * float("nan") if engine.training and engine.global_steps + 1 == bad else loss
 
 for stage in (0, 1):  # ZeRO-0 fp32: the trainer's own non-finite check; ZeRO-1: DeepSpeed's
     ds = PretrainDataset(data, "train", 32)
@@ -182,13 +184,13 @@ for stage in (0, 1):  # ZeRO-0 fp32: the trainer's own non-finite check; ZeRO-1:
     cfg = TrainConfig(run_dir=f"{base}/zero{stage}", ds_config=f"zero{stage}", precision="fp32", micro_batch_size=4,
                       lr=3e-3, min_lr=3e-4, warmup_steps=1, max_steps=6, log_every=1, eval_every=100, save_every=1,
                       keep_checkpoints=10)
-    train(model, ds, PretrainDataset(data, "val", 32), cfg, loss_fn=loss_fn)
+    fit(NaNAtOneStep(model, Split(ds, sharded=True), Split(PretrainDataset(data, "val", 32), sharded=True)), cfg)
 '''
 
 
 @pytest.fixture(scope="module")
 def nan_runs(data_dir, tmp_path_factory) -> tuple[Path, str]:
-    """Two runs (ZeRO-0 and ZeRO-1, one process) through train() whose loss is NaN at step 3."""
+    """Two runs (ZeRO-0 and ZeRO-1, one process) through fit() whose loss is NaN at step 3."""
     base = tmp_path_factory.mktemp("faults-nan")
     (base / "driver.py").write_text(NAN_DRIVER)
     return base, run_ok([PY, str(base / "driver.py"), str(data_dir), str(base), "3"])
@@ -429,6 +431,21 @@ def kill_at(script, args, cwd: Path, log: Path, pause: str, timeout=180) -> str:
     return where
 
 
+def same_losses(run: Path, ref: Path):
+    """metrics.csv: every logged step's training loss (as written, repr) equal to the reference run's, the rows a
+    killed launch wrote after its last checkpoint replaced; a failure names the first step that differs."""
+    import csv
+
+    def rows(r):
+        with open(r / "metrics.csv") as f:
+            return [(int(x["step"]), x["loss"]) for x in csv.DictReader(f) if x["loss"]]
+
+    got, want = rows(run), rows(ref)
+    assert [s for s, _ in got] == [s for s, _ in want], (got, want)
+    diff = [(s, a, b) for (s, a), (_, b) in zip(got, want) if a != b]
+    assert not diff, f"first differing step {diff[0][0]}: loss {diff[0][1]} resumed vs {diff[0][2]} uninterrupted"
+
+
 def ds_pretrain_args(data: Path, run: Path, stage: int, *extra) -> list[str]:
     return ["--config", DEBUG, "--data", data, "--train.run_dir", run, "--train.ds_config", f"zero{stage}",
             "--train.max_steps", DS_STEPS, "--train.save_every", 2, "--train.keep_checkpoints", 2,
@@ -473,6 +490,7 @@ def test_two_rank_sigkill_then_resume_gives_the_same_weights(data_dir, ds_refere
         assert f"skipping checkpoint {ck / 'step_00000006'}" in out, out[-4000:]
     assert f"resumed from {ck / 'step_00000004'} (step 4" in out, out[-4000:]
     assert "Traceback" not in out
+    same_losses(run, ds_reference(stage))
     same_weights(run, ds_reference(stage))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == DS_STEPS and summary["skipped_steps"] == 0
@@ -510,6 +528,7 @@ def test_lora_sft_sigkill_then_resume_gives_the_same_weights(lora_base, tmp_path
     assert complete_steps(run)[-1] == 4 and not (run / "final").exists()
     out = ds_run(script, lora_args(lora_base, run, "--train.resume", "auto"), tmp_path, tmp_path / "log2.txt")
     assert f"resumed from {run / 'checkpoints' / 'step_00000004'} (step 4" in out, out[-4000:]
+    same_losses(run, ref)
     same_weights(run, ref)
     a, b = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (run, ref))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -523,7 +542,7 @@ def test_no_argument_command_trains_on_4_ranks(data_dir, tmp_path):
     start line once each, no error. The 300-step run is SIGKILLed (the whole group) once its first step is done."""
     import shutil
 
-    from llm.data import prepare
+    from llm.prepare import prepare
 
     shutil.copytree(data_dir.parent / "tok", tmp_path / "data" / "tokenizer")
     cwd = os.getcwd()

@@ -16,7 +16,7 @@ from gpu import SECTIONS, errors_in  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# Left in this process's environment by earlier in-process training tests (llm.trainer.init_distributed): a child
+# Left in this process's environment by earlier in-process training tests (llm.train.dist.init_distributed): a child
 # inheriting them would try to serve the same MASTER_PORT, which this process's store still holds.
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

@@ -86,7 +86,7 @@ def test_visible_gpus_with_a_cpu_torch_stop_the_run_in_one_line(tmp_path, monkey
     import torch
 
     from llm.cli import UserError
-    from llm.trainer import check_accelerator, init_distributed, on_cpu, visible_gpus
+    from llm.train.dist import check_accelerator, init_distributed, on_cpu, visible_gpus
 
     assert on_cpu() and torch.version.cuda is None  # this machine: the CPU wheel
     monkeypatch.setenv("PATH", f"{fake_nvidia_smi(tmp_path / 'bin', n=2)}:{os.environ['PATH']}")
@@ -116,7 +116,8 @@ def test_startup_line_names_device_precision_attention_and_world(monkeypatch):
     import torch
 
     import llm.model
-    from llm.trainer import attention_kernel, device_label
+    from llm.model import attention_kernel
+    from llm.train.metrics import device_label
 
     assert device_label(torch.device("cpu")) == "cpu" and attention_kernel(torch.device("cpu"), "bf16") == "sdpa"
     monkeypatch.setattr(llm.model, "flash_attn_func", lambda *a, **k: None)  # as if flash-attn were installed
@@ -127,7 +128,8 @@ def test_startup_line_names_device_precision_attention_and_world(monkeypatch):
 def test_precision_decisions_for_gpus(tmp_path, monkeypatch):
     """bf16 with accumulation sums gradients in fp32 where DeepSpeed supports it (ZeRO-2); fp16's loss-scale
     overflow skips do not count toward max_bad_steps unless the loss itself is non-finite."""
-    from llm.trainer import TrainConfig, is_bad_step, preflight
+    from llm.train import TrainConfig, preflight
+    from llm.train.loop import is_bad_step
 
     monkeypatch.delenv("RANK", raising=False)
     for stage, accum, want in ((2, 2, "fp32"), (2, 4, "fp32"), (2, 1, None), (1, 2, None), (0, 2, None), (3, 2, None)):
@@ -146,18 +148,18 @@ def test_mfu_counts_no_weight_gradients_for_frozen_weights_and_gpu_peaks(monkeyp
 
     from llm.config import ModelArgs
     from llm.model import Transformer
-    from llm.trainer import peak_flops, train_flops_per_token
+    from llm.train.metrics import peak_flops, train_flops_per_token
 
     args = ModelArgs.from_preset("debug")
     model = Transformer(args)
     full = args.flops_per_token(64)
-    assert train_flops_per_token(model, 64) == full
+    assert train_flops_per_token(model, full) == full
     matrices = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     for p in model.parameters():  # LoRA-like: every matrix frozen, the norms trained
         p.requires_grad_(p.ndim < 2)
     frozen = sum(p.numel() for p in {id(p): p for p in matrices}.values())
     attention = 12 * args.n_layers * args.n_heads * args.head_dim * 64
-    assert train_flops_per_token(model, 64) == 4 * frozen + (full - attention - 6 * frozen) + attention
+    assert train_flops_per_token(model, full) == 4 * frozen + (full - attention - 6 * frozen) + attention
     want = {"NVIDIA H200 NVL": 835, "NVIDIA H800 PCIe": 756, "NVIDIA H200": 989, "NVIDIA H100 80GB HBM3": 989,
             "NVIDIA H100 PCIe": 756, "NVIDIA A100-SXM4-80GB": 312}
     for name, tflops in want.items():

@@ -10,7 +10,6 @@ the interrupted and resumed run.
 import csv
 import json
 import os
-import runpy
 import shutil
 import signal
 import socket
@@ -25,8 +24,12 @@ from safetensors.torch import load_file
 
 from llm.cli import UserError, run_cli
 from llm.corpora import iter_documents
-from llm.pretrain import pretrain
-from llm.trainer import TrainConfig, consolidated_state_dict, ds_to_hf, find_checkpoint, lr_scheduler
+from llm.hf_format import from_deepspeed as ds_to_hf
+from llm.pretrain import main as pretrain
+from llm.train import TrainConfig
+from llm.train.checkpoint import consolidated_state_dict, find_checkpoint
+from llm.tokenizer_train import train_tokenizer
+from llm.train.plan import lr_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = str(ROOT / "configs" / "pretrain" / "debug.yaml")
@@ -55,50 +58,34 @@ def losses(run: Path, key="loss") -> list[tuple[str, str]]:
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    """Real English (Shakespeare) and Chinese (People's Daily) text, a real sentencepiece tokenizer (1,500 tokens)
-    and shards made by llm.data.prepare."""
-    from llm.data import prepare
-
-    d = tmp_path_factory.mktemp("pretrain-data")
-    text = [doc.strip() for src in ("builtin:shakespeare", "builtin:renmin")
-            for doc in iter_documents(src, "train", max_bytes=200_000)]
-    (d / "text.txt").write_text("\n\n".join(text), encoding="utf-8")
-    runpy.run_path(str(ROOT / "tools" / "train_tokenizer.py"))["train_tokenizer"](
-        inputs=[str(d / "text.txt")], out=str(d / "tok" / "tokenizer.model"), vocab_size=1500,
-        max_sentences=20_000, preset="debug")
-    prepare([str(d / "text.txt")], out=str(d / "data"), tokenizer=str(d / "tok" / "tokenizer.model"),
-            val_fraction=0.05, workers=1)
-    return d / "data"
-
-
 DRIVER = r'''
 """Several training runs in one DeepSpeed launch (each through the real CLI or train())."""
 import json, os, shutil, sys, traceback
 from pathlib import Path
 import torch
 from llm.cli import UserError, run_cli
-from llm.pretrain import pretrain
+from llm.pretrain import main as pretrain
 
 def nan_run(job):
     """train() with a loss that is NaN on chosen steps: those updates must be skipped, and K in a row stop the run."""
     from llm.config import ModelArgs
     from llm.data import PretrainDataset
     from llm.model import Transformer
-    from llm.trainer import TrainConfig, lm_loss, train
+    from llm.tasks.lm import LanguageModelTask, lm_loss
+    from llm.train import Split, TrainConfig, fit
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     bad = set(job["nan_steps"])
-    def loss_fn(engine, batch):
-        loss = lm_loss(engine, batch)
-        return loss * float("nan") if engine.global_steps + 1 in bad else loss
+    class NaNOnSomeSteps(LanguageModelTask):
+        def loss(self, engine, batch):
+            loss = lm_loss(engine, batch)
+            return loss * float("nan") if engine.global_steps + 1 in bad else loss
     ds = PretrainDataset(job["data"], "train", 32, rank=rank, world_size=world)
     torch.manual_seed(0)
     model = Transformer(ModelArgs.from_preset("debug", vocab_size=ds.meta["vocab_size"]))
     cfg = TrainConfig(run_dir=job["run_dir"], ds_config=job["ds_config"], precision="fp32", micro_batch_size=2,
                       lr=3e-3, min_lr=3e-4, warmup_steps=1, max_steps=10, log_every=1, eval_every=100,
                       save_every=2, keep_checkpoints=10, max_bad_steps=3)
-    train(model, ds, None, cfg, loss_fn=loss_fn)
+    fit(NaNOnSomeSteps(model, Split(ds, sharded=True), None), cfg)
 
 jobs_file, results_file = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 results = []
@@ -237,9 +224,10 @@ def test_gradient_accumulation_equals_one_big_batch(runs):
     for (_, x), (_, y) in zip(la, lb):
         assert abs(float(x) - float(y)) < 1e-5
     # Adam then divides each element by its own RMS: an element whose gradient is near eps (a rare token's
-    # embedding row) turns a 1e-7 relative summation-order difference into ~1e-3 of lr. The updates agree to that.
+    # embedding row) turns a 1e-7 relative summation-order difference into up to ~1% of lr (2.2e-5 seen after the
+    # held-out rule changed the data). The updates agree to that; the gradients above are the exact check.
     wa, wb = (load_file(runs[k] / "final" / "model.safetensors") for k in ("accum", "big"))
-    assert max((wa[k] - wb[k]).abs().max() for k in wa) < 1e-5  # lr is 3e-3
+    assert max((wa[k] - wb[k]).abs().max() for k in wa) < 1e-4  # lr is 3e-3
     assert json.loads((runs["accum"] / "summary.json").read_text())["ranks_in_sync"] is True
 
 
@@ -442,7 +430,7 @@ def test_bad_inputs_fail_in_one_line(capsys, data_dir, tmp_path, monkeypatch):
     assert "precision=fp16 needs a GPU" in fails(capsys, *d, "--train.precision", "fp16")
     # another tokenizer than the data's
     (tmp_path / "en.txt").write_text("\n\n".join(iter_documents("builtin:shakespeare", "val", max_bytes=50_000)))
-    runpy.run_path(str(ROOT / "tools" / "train_tokenizer.py"))["train_tokenizer"](
+    train_tokenizer(
         inputs=[str(tmp_path / "en.txt")], out=str(tmp_path / "other" / "tokenizer.model"), vocab_size=600,
         preset="debug")
     capsys.readouterr()
@@ -485,16 +473,10 @@ def test_resume_finds_the_newest_valid_checkpoint(tmp_path, capsys):
 
 
 def test_configs_parse():
-    from jsonargparse import CLI
-
     files = sorted((ROOT / "configs" / "pretrain").glob("*.yaml"))
     assert {f.stem for f in files} >= {"debug", "cpu-demo", "25M", "350M-2k"}
-    for f in files:
-        with pytest.raises(SystemExit) as e:
-            CLI(pretrain, args=["--config", str(f), "--print_config"], as_positional=False)
-        assert e.value.code in (0, None), f
     # no arguments at all = configs/pretrain/cpu-demo.yaml (precision left to the device)
-    parse = lambda *a: CLI(pretrain, args=[*a, "--print_config"], as_positional=False)  # noqa: E731
+    parse = lambda *a: run_cli(pretrain, [*a, "--print_config"])  # noqa: E731
     import contextlib
     import io
     import yaml
@@ -505,8 +487,7 @@ def test_configs_parse():
         with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
             parse(*argv)
         printed.append(yaml.safe_load(buf.getvalue()))
-    printed[1]["train"]["precision"] = None
-    assert printed[0] == printed[1]
+    assert printed[0] == printed[1] and printed[0]["train"]["precision"] is None  # bf16 on GPUs, fp32 on a CPU
     for f in (ROOT / "ds_configs").glob("*.json"):
         text = f.read_text()
         assert '"auto"' not in text
@@ -514,25 +495,27 @@ def test_configs_parse():
 
 
 def shipped_train_configs(tmp_path) -> dict[str, TrainConfig]:
-    """The `train:` section of every YAML in configs/ (and of pretrain's defaults), parsed by its own CLI."""
+    """The `train:` section of every YAML in configs/ (and of each CLI's defaults), parsed by the CLI its folder
+    names: a typo'd or mistyped field fails here, not in a run."""
     import contextlib
     import io
 
     import yaml
-    from jsonargparse import CLI
 
     from llm import classify, sft
 
-    cases = {"pretrain defaults": (pretrain, [])}
-    cases |= {f"pretrain/{f.name}": (pretrain, ["--config", str(f)])
-              for f in sorted((ROOT / "configs" / "pretrain").glob("*.yaml"))}
-    cases |= {f"sft/{f.name}": (classify.main if "classify" in f.name else sft.main, ["--config", str(f)])
-              for f in sorted((ROOT / "configs" / "sft").glob("*.yaml"))}
+    cases = {"pretrain defaults": (pretrain, []), "sft defaults": (sft.main, ["--model", "m", "--data", "d"]),
+             "classify defaults": (classify.main, ["--model", "m"])}
+    for f in sorted((ROOT / "configs").glob("*/*.yaml")):
+        fn = pretrain if f.parent.name == "pretrain" else classify.main if "classify" in f.name else sft.main
+        need = [] if fn is pretrain else ["--model", "m"] + (["--data", "d"] if fn is sft.main else [])
+        cases[f"{f.parent.name}/{f.name}"] = (fn, ["--config", str(f), *need])
     out = {}
     for name, (fn, argv) in cases.items():
         buf = io.StringIO()
-        with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
-            CLI(fn, args=[*argv, "--print_config"], as_positional=False)
+        with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as done:
+            run_cli(fn, [*argv, "--print_config"])
+        assert done.value.code in (0, None), name
         train = yaml.safe_load(buf.getvalue())["train"]
         out[name] = TrainConfig(**{**train, "betas": tuple(train["betas"]), "run_dir": str(tmp_path / "run")})
     return out
@@ -542,7 +525,7 @@ def shipped_train_configs(tmp_path) -> dict[str, TrainConfig]:
 def test_every_shipped_config_passes_preflight(world, tmp_path, monkeypatch):
     """Every config in configs/ runs on 1, 2, 4 and 8 ranks: a fixed global batch stays what the config says, the
     micro batch is the largest divisor not above the configured one; without one, micro batch x ranks."""
-    from llm.trainer import preflight
+    from llm.train import preflight
 
     monkeypatch.delenv("RANK", raising=False)
     configs = shipped_train_configs(tmp_path)
@@ -561,13 +544,13 @@ def test_every_shipped_config_passes_preflight(world, tmp_path, monkeypatch):
 
 
 def test_global_batch_derives_micro_batch_once_and_impossible_one_fails_on_rank_0(tmp_path, monkeypatch, capsys):
-    import llm.trainer
-    from llm.trainer import batch_shape, preflight
+    import llm.train.plan
+    from llm.train.plan import batch_shape, preflight
 
     assert batch_shape(64, 32, 4) == (16, 1) and batch_shape(64, 32, 1) == (32, 2) and batch_shape(16, 8, 8) == (2, 1)
     assert batch_shape(10, 4, 1) == (2, 5) and batch_shape(24, 16, 2) == (12, 1) and batch_shape(256, 16, 8) == (16, 2)
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(llm.trainer, "_SAID", set())
+    monkeypatch.setattr(llm.train.plan, "_SAID", set())
     cfg = TrainConfig(run_dir=str(tmp_path / "run"), micro_batch_size=32, global_batch_size=64)
     for _ in range(2):  # the entry point and train() both run preflight: one line
         plan = preflight(cfg, world_size=4)

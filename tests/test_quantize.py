@@ -17,8 +17,9 @@ import torch
 from llm.cli import UserError
 from llm.config import ModelArgs
 from llm.hf_format import load_model, save_model
-from llm.quant import (LANGUAGE_TEXT, TRAINING_DATA_FILE, check_shapes, default_calibration, dequantize,
-                       fitting_group_size, model_language, quantize, unpack)
+from llm.gptq_format import dequantize, unpack
+from llm.hf_format import TRAINING_DATA_FILE
+from llm.quant import LANGUAGE_TEXT, check_shapes, default_calibration, fitting_group_size, model_language, quantize
 from llm.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEBUG = str(ROOT / "configs" / "pretrain" / "debug.yaml")
 PREPARE = runpy.run_path(str(ROOT / "tools" / "prepare_data.py"))
 CONVERT = runpy.run_path(str(ROOT / "tools" / "convert.py"))["SUBCOMMANDS"]
-TOKENIZER = runpy.run_path(str(ROOT / "tools" / "train_tokenizer.py"))["train_tokenizer"]
+from llm.tokenizer_train import HF_FILES, train_tokenizer as TOKENIZER  # noqa: E402,N812
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
@@ -115,7 +115,7 @@ def test_prepare_data_never_replaces_the_inputs_folder_or_a_folder_not_its_own(c
 
 
 def test_prepare_data_replaces_its_own_output_only_with_overwrite(capsys, corpus, tok, tmp_path):
-    from llm.data import prepare
+    from llm.prepare import prepare
 
     out = tmp_path / "data"
     prepare([str(corpus / "text.txt")], out=str(out), tokenizer=str(tok), workers=1)
@@ -197,8 +197,7 @@ def test_train_tokenizer_into_an_existing_folder_writes_inside_it(corpus, tmp_pa
     d.mkdir()
     (d / "README").write_text("mine")
     TOKENIZER(inputs=[str(corpus / "text.txt")], out=str(d), vocab_size=400, max_sentences=5_000, preset="debug")
-    assert {p.name for p in d.iterdir()} == {"README", "tokenizer.model", *runpy.run_path(
-        str(ROOT / "tools" / "train_tokenizer.py"))["HF_FILES"]}
+    assert {p.name for p in d.iterdir()} == {"README", "tokenizer.model", *HF_FILES}
     assert [p.name for p in tmp_path.iterdir()] == ["tok"]  # nothing written next to the folder
 
 
@@ -221,7 +220,7 @@ def test_save_model_replaces_only_its_own_model_directories(model_dir, tmp_path)
 
 # ----------------------------------------------------------------------------------------------- run-directory lock
 def test_a_second_training_in_a_locked_run_directory_fails_in_one_line(corpus, tok, tmp_path):
-    from llm.data import prepare
+    from llm.prepare import prepare
 
     data = tmp_path / "data"
     prepare([str(corpus / "text.txt")], out=str(data), tokenizer=str(tok), workers=1)

@@ -3,32 +3,11 @@
 import pytest
 import torch
 
-from llm import ModelArgs, Transformer
+from conftest import tiny_model
 from llm.chat import IGNORE_INDEX
 from llm.cli import UserError
-from llm.sft_data import SFTCollator, SFTDataset, load_chats
-
-
-@pytest.fixture(scope="session")
-def chat_tokenizer(tmp_path_factory):
-    """A small sentencepiece BPE with the ChatML tokens, trained on the chatterbot + idiom built-ins."""
-    import sentencepiece as spm
-
-    from llm.tokenizer import Tokenizer
-
-    texts = [m["content"] for _, c in load_chats("builtin:chatterbot") for m in c]
-    texts += [m["content"] for _, c in load_chats("builtin:idioms")[:3000] for m in c]
-    prefix = tmp_path_factory.mktemp("tok") / "tokenizer"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=str(prefix), vocab_size=2048, model_type="bpe",
-        byte_fallback=True, character_coverage=0.98, user_defined_symbols=["<|im_start|>", "<|im_end|>"],
-        normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2)
-    return Tokenizer.from_file(f"{prefix}.model")
-
-
-def tiny_model(tok, seed=0, **kw):
-    torch.manual_seed(seed)
-    return Transformer(ModelArgs.from_preset("debug", vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, **kw))
+from llm.sft_data import SFTCollator, SFTDataset
+from llm.sft_sources import load_chats
 
 
 def targets(tok, ds):
@@ -123,19 +102,12 @@ def test_packed_and_unpacked_give_the_same_loss_per_example(chat_tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------- LoRA
-@pytest.fixture
-def base_dir(tmp_path, chat_tokenizer):
-    from llm.hf_format import save_model
-
-    return save_model(tiny_model(chat_tokenizer), tmp_path / "base", tokenizer=chat_tokenizer)
-
-
 def test_lora_merge_equals_peft_and_transformers(tmp_path, base_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from llm.hf_format import load_model
-    from llm.sft import LoraOptions, export_lora, merge_lora, add_lora
+    from llm.tasks.lora import LoraOptions, add_lora, export_lora, merge_lora
 
     net = add_lora(load_model(base_dir), LoraOptions(r=4, alpha=8, dropout=0.0), str(base_dir))
     torch.manual_seed(1)
@@ -162,8 +134,9 @@ def test_lora_merge_equals_peft_and_transformers(tmp_path, base_dir):
 
 def test_bad_lora_and_longlora_settings(base_dir, tmp_path):
     from llm.hf_format import load_model
-    from llm.sft import LoraOptions, add_lora, sft
-    from llm.trainer import TrainConfig
+    from llm.sft import main as sft
+    from llm.tasks.lora import LoraOptions, add_lora
+    from llm.train import TrainConfig
 
     with pytest.raises(UserError, match="no linear layer named qkv"):
         add_lora(load_model(base_dir), LoraOptions(targets=["q_proj", "qkv"]))
@@ -171,23 +144,6 @@ def test_bad_lora_and_longlora_settings(base_dir, tmp_path):
         sft(str(base_dir), "builtin:chatterbot", TrainConfig(run_dir=str(tmp_path / "r")), mode="longlora")
     with pytest.raises(UserError, match="exceeds the model's 128 positions"):
         sft(str(base_dir), "builtin:chatterbot", TrainConfig(run_dir=str(tmp_path / "r")), seq_len=512)
-
-
-def test_sft_configs_parse(capsys):
-    from pathlib import Path
-
-    from jsonargparse import CLI
-
-    from llm import classify, sft
-
-    files = sorted((Path(__file__).parents[1] / "configs" / "sft").glob("*.yaml"))
-    assert files
-    for f in files:
-        main = classify.main if "classify" in f.name else sft.main
-        with pytest.raises(SystemExit) as e:
-            CLI(main, args=["--config", str(f), "--print_config"], as_positional=False)
-        assert e.value.code in (0, None), f
-        assert "model:" in capsys.readouterr().out
 
 
 def test_cli_reports_bad_data_in_one_line(tmp_path, base_dir, capsys):
@@ -234,7 +190,7 @@ def test_lora_zero2_two_ranks_trains_and_resumes(tmp_path, base_dir):
     from safetensors.torch import load_file
 
     from llm.hf_format import load_model, load_state_dict
-    from llm.sft import merge_lora
+    from llm.tasks.lora import merge_lora
 
     run = tmp_path / "run"
     args = ["--model", base_dir, "--data", "builtin:chatterbot", "--mode", "lora", "--pack", "false",
@@ -274,8 +230,9 @@ def test_lora_final_is_base_plus_merged_adapter_at_zero_stage(tmp_path, base_dir
     """ZeRO-1 checkpoints keep LoRA's frozen base weights outside zero_to_fp32's view and ZeRO-3 partitions them:
     final/ must still be exactly the base with the trained adapter merged in."""
     from llm.hf_format import load_model
-    from llm.sft import LoraOptions, merge_lora, sft
-    from llm.trainer import TrainConfig
+    from llm.sft import main as sft
+    from llm.tasks.lora import LoraOptions, merge_lora
+    from llm.train import TrainConfig
 
     run = tmp_path / "run"
     cfg = TrainConfig(run_dir=str(run), ds_config=stage, max_steps=2, micro_batch_size=2, lr=1e-2, warmup_steps=1,
@@ -295,8 +252,10 @@ def test_longlora_trains_lora_embeddings_norms_only(tmp_path, base_dir):
 
     from llm.hf_format import load_model, load_state_dict, read_config
     from llm.longlora import longlora_trainable
-    from llm.sft import LongLoraOptions, LoraOptions, merge_lora, sft
-    from llm.trainer import TrainConfig, consolidated_state_dict
+    from llm.sft import main as sft
+    from llm.tasks.lora import LongLoraOptions, LoraOptions, merge_lora
+    from llm.train import TrainConfig
+    from llm.train.checkpoint import consolidated_state_dict
 
     run = tmp_path / "run"
     cfg = TrainConfig(run_dir=str(run), ds_config="zero0", max_steps=3, micro_batch_size=2, lr=1e-2, warmup_steps=1,

@@ -15,7 +15,6 @@ from llm.cli import UserError
 from llm.sft_cache import tokenized_chats, tokenized_labelled
 from llm.sft_data import ClassifyDataset, SFTDataset
 from llm.sft_sources import load_chats, load_labelled
-from test_sft import chat_tokenizer  # noqa: F401 - shared fixture
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +65,7 @@ def reference_items(tok, chats, seq_len, pack, truncate):
 
 
 @pytest.mark.parametrize("pack,truncate", [(True, False), (False, False), (True, True), (False, True)])
-def test_cached_chats_equal_plain_tokenization(chat_tokenizer, chats_file, pack, truncate):  # noqa: F811
+def test_cached_chats_equal_plain_tokenization(chat_tokenizer, chats_file, pack, truncate):
     tok = chat_tokenizer
     src = tokenized_chats(tok, str(chats_file))
     assert len(src) == 300
@@ -85,13 +84,13 @@ def test_cached_chats_equal_plain_tokenization(chat_tokenizer, chats_file, pack,
         reference_items(tok, load_chats(str(chats_file), None), 64, pack, truncate)[0]
 
 
-def test_build_data_subset_and_prompts_as_before(chat_tokenizer, chats_file):  # noqa: F811
+def test_chat_splits_subset_and_prompts_as_before(chat_tokenizer, chats_file):
     """max_examples draws the same chats as random.sample over the chat list; prompts are the first held-out ones."""
     from llm.chat import render
-    from llm.sft import build_data
+    from llm.tasks.lm import chat_splits
 
-    train_ds, val_ds, _, prompts = build_data(str(chats_file), None, chat_tokenizer, None, 64, True, True, 0.2,
-                                              40, 3, log=lambda *a: None)
+    train, val, _, prompts = chat_splits(str(chats_file), None, chat_tokenizer, 64, True, True, 0.2, 40, 3)
+    train_ds, val_ds = train.dataset, val.dataset
     chats = random.Random(3).sample(load_chats(str(chats_file), "train", 0.2), 40)
     assert list(train_ds) == reference_items(chat_tokenizer, chats, 64, True, True)[0]
     val = load_chats(str(chats_file), "val", 0.2)
@@ -99,7 +98,7 @@ def test_build_data_subset_and_prompts_as_before(chat_tokenizer, chats_file):  #
     assert prompts == [render(c[:1], add_generation_prompt=True) for _, c in val[:2]]
 
 
-def test_cached_labelled_equal_plain_tokenization(chat_tokenizer, tmp_path):  # noqa: F811
+def test_cached_labelled_equal_plain_tokenization(chat_tokenizer, tmp_path):
     tok = chat_tokenizer
     f = tmp_path / "texts.jsonl"
     texts = [m["content"] for _, c in load_chats("builtin:chatterbot", None)[:200] for m in c[:1]] + ["", "好"]
@@ -118,7 +117,7 @@ def test_cached_labelled_equal_plain_tokenization(chat_tokenizer, tmp_path):  # 
         tokenized_labelled(tok, str(f), num_labels=2)  # checked against the cached labels, named by line
 
 
-def test_second_load_reads_the_cache(chat_tokenizer, chats_file, monkeypatch):  # noqa: F811
+def test_second_load_reads_the_cache(chat_tokenizer, chats_file, monkeypatch):
     first = tokenized_chats(chat_tokenizer, str(chats_file))
     stamp = (first.directory / "meta.json").stat().st_mtime_ns
 
@@ -132,7 +131,7 @@ def test_second_load_reads_the_cache(chat_tokenizer, chats_file, monkeypatch):  
     assert again.directory.parent == chats_file.parent / "chats.jsonl.cache"  # next to the data
 
 
-def test_key_follows_data_and_tokenizer(chat_tokenizer, chats_file, tmp_path):  # noqa: F811
+def test_key_follows_data_and_tokenizer(chat_tokenizer, chats_file, tmp_path):
     import sentencepiece as spm
 
     from llm.tokenizer import Tokenizer
@@ -150,7 +149,7 @@ def test_key_follows_data_and_tokenizer(chat_tokenizer, chats_file, tmp_path):  
     assert tokenized_chats(other, str(chats_file)).directory not in (first, changed.directory)
 
 
-def test_interrupted_build_is_not_taken_as_complete(chat_tokenizer, chats_file):  # noqa: F811
+def test_interrupted_build_is_not_taken_as_complete(chat_tokenizer, chats_file):
     src = tokenized_chats(chat_tokenizer, str(chats_file))
     good = {k: np.array(v) for k, v in src.arrays.items()}
     cache = src.directory
@@ -180,7 +179,7 @@ def _build_in_child(tok_path, data, queue):
     queue.put((len(built), {k: np.array(v).tobytes() for k, v in src.arrays.items()}))
 
 
-def test_two_processes_build_once_and_agree(chat_tokenizer, chats_file):  # noqa: F811
+def test_two_processes_build_once_and_agree(chat_tokenizer, chats_file):
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_build_in_child, args=(chat_tokenizer.path, str(chats_file), queue))
@@ -200,7 +199,7 @@ def test_two_processes_build_once_and_agree(chat_tokenizer, chats_file):  # noqa
 def test_config_errors_come_before_any_data_work(tmp_path, monkeypatch):
     """preflight runs first: a bad schedule is reported without loading a model or reading (tokenizing) data."""
     from llm import classify, sft
-    from llm.trainer import TrainConfig
+    from llm.train import TrainConfig
 
     def no_data(*a, **k):
         raise AssertionError("data read before the config was checked")
@@ -208,6 +207,6 @@ def test_config_errors_come_before_any_data_work(tmp_path, monkeypatch):
     monkeypatch.setattr(sft_cache, "_cache_dir", no_data)
     cfg = TrainConfig(run_dir=str(tmp_path / "run"), max_steps=5, warmup_steps=10)
     with pytest.raises(UserError, match="warmup_steps=10"):
-        sft.sft(str(tmp_path / "no-model"), str(tmp_path / "chats.jsonl"), cfg)
+        sft.main(str(tmp_path / "no-model"), str(tmp_path / "chats.jsonl"), cfg)
     with pytest.raises(UserError, match="warmup_steps=10"):
         classify.main(str(tmp_path / "no-model"), str(tmp_path / "texts.jsonl"), cfg)

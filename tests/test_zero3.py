@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm.trainer import cut_at_stop
-from test_pretrain import DEBUG, clean_env, data_dir, deepspeed_cmd, losses  # noqa: F401 - data_dir: fixture
-from test_sft import chat_tokenizer, tiny_model  # noqa: F401 - chat_tokenizer: fixture
+from llm.tasks.lm import cut_at_stop
+from conftest import tiny_model
+from test_pretrain import DEBUG, clean_env, deepspeed_cmd, losses
 
 DRIVER = r'''
 import json, sys
@@ -22,8 +22,9 @@ import deepspeed, torch
 from llm.cli import run_cli
 from llm.config import ModelArgs
 from llm.model import Transformer
-from llm.pretrain import partitioned_transformer, pretrain
-from llm.trainer import TrainConfig, preflight
+from llm.pretrain import main as pretrain
+from llm.tasks.zero3 import partitioned_transformer
+from llm.train import TrainConfig, preflight
 
 out_file, run_root, data, base = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 results = {}
@@ -42,7 +43,8 @@ for tie in (False, True):
     results[f"init_tie{tie}"] = {"same": all(same), "n": len(same), "partitioned": all(empty)}
 # an HF directory loaded partitioned (llm.sft.load_partitioned) against load_model, then full SFT under ZeRO-3
 from llm.hf_format import load_model
-from llm.sft import load_partitioned, main as sft_main
+from llm.sft import main as sft_main
+from llm.tasks.zero3 import load_partitioned
 net = load_partitioned(base, plan.ds_config)
 ref = dict(load_model(base).named_parameters())
 same = []
@@ -66,7 +68,7 @@ if torch.distributed.get_rank() == 0:
 
 
 @pytest.fixture(scope="module")
-def zero3_runs(data_dir, chat_tokenizer, tmp_path_factory) -> dict:  # noqa: F811 - the imported fixtures
+def zero3_runs(data_dir, chat_tokenizer, tmp_path_factory) -> dict:
     from llm.hf_format import save_model
 
     base = tmp_path_factory.mktemp("zero3")

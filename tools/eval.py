@@ -12,8 +12,6 @@ log-likelihood multiple choice, Mohtashami & Jaggi's passkey test). --json FILE 
 from __future__ import annotations
 
 import json as jsonlib
-import math
-import os
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -22,34 +20,23 @@ import torch
 
 from llm import evaluate as ev
 from llm.cli import UserError, run_cli
-from llm.hf_format import read_config
-from llm.tokenizer import Tokenizer
+from llm import writer
+from llm.hf_format import load_model, load_tokenizer, read_config
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
-def _tokenizer(model: str, required: bool = True) -> Optional[Tokenizer]:
-    read_config(model)  # a clear error for a directory that is not a model
-    try:
-        return Tokenizer.from_dir(model)
-    except UserError:
-        if required:
-            raise
-        return None
-
-
 def _load(model: str, dtype: str, device: str):
-    tokenizer = _tokenizer(model)
-    return ev.load_any(model, dtype=getattr(torch, dtype), device=device), tokenizer
+    read_config(model)  # a clear error for a directory that is not a model
+    tokenizer = load_tokenizer(model, required=True)
+    return load_model(model, dtype=getattr(torch, dtype), device=device), tokenizer
 
 
 def _report(result: dict, json: Optional[str]):
     print(jsonlib.dumps(result, ensure_ascii=False))
     if json is not None:
         Path(json).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{json}.tmp-{os.getpid()}"
-        Path(tmp).write_text(jsonlib.dumps(result, ensure_ascii=False, indent=2) + "\n")
-        os.replace(tmp, json)
+        writer.replace_text(json, jsonlib.dumps(result, ensure_ascii=False, indent=2) + "\n")
 
 
 def ppl(model: str, source: str, split: str = "val", ctx_len: Optional[int] = None, stride: Optional[int] = None,
@@ -70,25 +57,8 @@ def ppl(model: str, source: str, split: str = "val", ctx_len: Optional[int] = No
         dtype: weight dtype.
         json: also write the result to this JSON file.
     """
-    args, _ = read_config(model)  # data errors show before the weights load
-    if Path(source).name == "meta.json" and Path(source).is_file():
-        raise UserError(f"--source {source}: give the data directory, --source {Path(source).parent}, not its "
-                        "meta.json")
-    is_bin = (Path(source) / "meta.json").is_file()
-    tokenizer = _tokenizer(model, required=not is_bin)
-    ids, n_bytes = ev.corpus_tokens(source, tokenizer, split, max_tokens, vocab_size=args.vocab_size)
-    if len(ids) and int(ids.max()) >= args.vocab_size:
-        raise UserError(f"{source}: token id {int(ids.max())} >= the model's vocab_size {args.vocab_size} — "
-                        "the data was tokenized with another tokenizer")
-    ctx_len = ctx_len or min(args.max_seq_len, 1024)
-    stride = stride or max(1, ctx_len // 2)
-    net = ev.load_any(model, dtype=getattr(torch, dtype), device=device)
-    t0 = time.time()
-    r = ev.perplexity(net, ids, ctx_len, stride, batch_size, progress=True)
-    _report({"model": model, "source": source, "split": split, "ctx_len": ctx_len, "stride": stride,
-             "tokens": r["tokens"], "bytes": n_bytes, "nll_per_token": r["nll"] / r["tokens"], "ppl": r["ppl"],
-             "bpb": r["nll"] / math.log(2) / n_bytes if n_bytes else None, "seconds": round(time.time() - t0, 1)},
-            json)
+    _report(ev.corpus_perplexity(model, source, split, ctx_len, stride, max_tokens, batch_size, device,
+                                 getattr(torch, dtype)), json)
 
 
 def mc(model: str, task: str, limit: Optional[int] = None, batch_size: int = 16, device: str = "auto",
@@ -150,10 +120,12 @@ def classify(model: str, data: str = "builtin:sentiment", split: Optional[str] =
     """
     from collections import Counter
 
+    from llm.sft_data import ClassifyDataset
+    from llm.sft_sources import load_labelled
     from llm.tasks.classify import accuracy, load_classifier
-    from llm.sft_data import ClassifyDataset, load_labelled
 
-    tokenizer = _tokenizer(model)
+    read_config(model)
+    tokenizer = load_tokenizer(model, required=True)
     clf = load_classifier(model)
     examples = load_labelled(data, split, val_fraction, clf.score.out_features)
     if not examples:

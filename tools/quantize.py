@@ -18,8 +18,6 @@ time taken, and perplexity / bits per byte of the original and the quantized mod
 from __future__ import annotations
 
 import json
-import math
-import os
 import signal
 import sys
 import time
@@ -30,29 +28,10 @@ import torch
 
 from llm.cli import UserError, run_cli
 from llm import writer
-from llm.evaluate import perplexity
-from llm.hf_format import load_model
 from llm.quant import (calibration_samples, check_shapes, check_source, default_calibration, dir_size,
-                       fitting_group_size, is_chat_source, quantize, text_tokens)
+                       fitting_group_size, is_chat_source, newest_run_model, print_table, quality, quantize,
+                       text_tokens)
 from llm.tokenizer import Tokenizer
-
-
-def newest_run_model(runs: str = "runs") -> Path:
-    """The most recently written `runs/*/final` model directory."""
-    found = sorted((p for p in Path(runs).glob("*/final") if (p / "config.json").is_file()),
-                   key=lambda p: (p / "config.json").stat().st_mtime)
-    if not found:
-        raise UserError(f"no --model given and no {runs}/*/final model directory — train one first (`bash run.sh`, "
-                        "or `deepspeed llm/pretrain.py --config configs/pretrain/cpu-demo.yaml`), or pass --model DIR")
-    return found[-1]
-
-
-def evaluate(model_dir: Path, ids, n_bytes: int, ctx_len: int, device: str) -> dict:
-    """Perplexity and bits per byte of the model in `model_dir` on `ids`: windows of ctx_len tokens advancing by
-    half of that, so every token is scored once with at least ctx_len/2 tokens of context."""
-    model = load_model(model_dir, dtype=torch.float32, device=device)
-    r = perplexity(model, ids, ctx_len=ctx_len, stride=ctx_len // 2, batch_size=4, progress=True)
-    return {"ppl": r["ppl"], "bpb": r["nll"] / math.log(2) / n_bytes, "tokens": r["tokens"]}
 
 
 def main(model: Optional[str] = None, out: Optional[str] = None, method: Literal["gptq", "rtn"] = "gptq",
@@ -133,37 +112,18 @@ def main(model: Optional[str] = None, out: Optional[str] = None, method: Literal
         report["eval_command"] = (f"python tools/eval.py ppl --model DIR --source {held_out} --split val "
                                   f"--ctx_len {ctx} --stride {ctx // 2} --max_tokens {eval_tokens}")
     if eval_tokens > 0:
-        report["original"] = evaluate(model_dir, eval_ids, eval_bytes, ctx, device)
+        report["original"] = quality(model_dir, eval_ids, eval_bytes, ctx, device)
     t0 = time.perf_counter()
     quantize(model_dir, out_dir, samples, method=method, bits=bits, group_size=group_size, desc_act=desc_act,
              sym=sym, damp_percent=damp_percent, device=device)
     report["quantize_seconds"] = round(time.perf_counter() - t0, 1)
     report["size_bytes"] = {"original": dir_size(model_dir), "quantized": dir_size(out_dir)}
     if eval_tokens > 0:
-        report["quantized"] = evaluate(out_dir, eval_ids, eval_bytes, ctx, device)
+        report["quantized"] = quality(out_dir, eval_ids, eval_bytes, ctx, device)
         report["change"] = {k: report["quantized"][k] / report["original"][k] - 1 for k in ("ppl", "bpb")}
-    tmp = out_dir / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out_dir / "report.json")
+    writer.replace_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     print_table(report)
     return report
-
-
-def print_table(r: dict):
-    mb = {k: v / 1e6 for k, v in r["size_bytes"].items()}
-    flags = ("" if r["sym"] else " asym") + (" act" if r["desc_act"] else "")
-    name = f"{r['method']} w{r['bits']} g{r['group_size']}{flags}"
-    rows = [("size on disk (MB)", f"{mb['original']:.1f}", f"{mb['quantized']:.1f}",
-             f"{mb['quantized'] / mb['original'] - 1:+.1%}")]
-    if "quantized" in r:
-        rows += [(label, f"{r['original'][k]:{fmt}}", f"{r['quantized'][k]:{fmt}}", f"{r['change'][k]:+.2%}")
-                 for label, k, fmt in (("perplexity", "ppl", ".3f"), ("bits per byte", "bpb", ".4f"))]
-    rows.append(("quantize time (s)", "", f"{r['quantize_seconds']:.1f}", ""))
-    print(f"\n{r['out']}  ({name}; held-out: {r['eval_data']})")
-    w = len(name) + 4
-    print(f"{'':20}{'original':>12}{name:>{w}}{'change':>10}")
-    for label, a, b, c in rows:
-        print(f"{label:20}{a:>12}{b:>{w}}{c:>10}")
 
 
 if __name__ == "__main__":
