@@ -87,7 +87,7 @@ if [ "$MODE" = gpu ]; then
       || { echo "[gpu.sh] resolver install failed: installing every wheel with --no-deps";
            "$PY" -m pip install -q --no-index --no-deps "$WHEELS"/*.whl; }
   fi
-  if ! "$PY" -c "import llm.trainer" >/dev/null 2>&1; then
+  if ! "$PY" -c "import llm.train" >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
       || echo "[gpu.sh] pip install -e . failed: using PYTHONPATH"
   fi
