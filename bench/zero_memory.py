@@ -7,7 +7,7 @@ checkpoint starts; the evaluation at the end is included) and over the whole pro
 on rank 0, the fp32 consolidation into final/). Issue 16's targets: ZeRO-2 below ZeRO-0, ZeRO-3 at most 0.6x
 ZeRO-0.
 
-    python bench/zero_memory.py                     # 125M, seq 256, 3 steps, ZeRO 0 1 2 3, fp32
+    python bench/zero_memory.py                     # 125M, seq 256, 3 steps, ZeRO 0 1 2 3 + zero3_lowmem, fp32
     python bench/zero_memory.py --precision bf16
     python bench/zero_memory.py --preset debug --stages '[zero0, zero3, my_zero3.json]'
 
@@ -15,7 +15,7 @@ Measured (125M, 2 ranks, load average ~2; train peak GB per rank, x ZeRO-0): fp3
 ZeRO-2 2.30 (0.86), ZeRO-3 2.73 (1.02), ZeRO-3 with live parameters capped 1.97 (0.74); bf16 ZeRO-0 2.92, ZeRO-2
 1.89 (0.65), ZeRO-3 2.11 (0.72), capped 1.70 (0.58). ds_configs/zero3.json keeps every gathered parameter live
 (stage3_max_live_parameters and stage3_max_reuse_distance 1e9: the whole model, gathered on every rank, from the
-forward to the backward); "capped" is that file with 1e7 / 0, prefetch and reduce buckets 5e6, no overlap_comm.
+forward to the backward); "capped" is ds_configs/zero3_lowmem.json: 1e7 / 0, prefetch and reduce buckets 5e6, no overlap_comm.
 In fp32 DeepSpeed's ZeRO-3 also keeps an fp32 master partition beside the fp32 parameter partition (10 bytes per
 parameter over 2 ranks against ZeRO-0's 16), so 0.6x is out of reach there.
 """
@@ -79,7 +79,8 @@ def _data(work: Path) -> Path:
     return work / "data"
 
 
-def zero_memory(preset: str = "125M", stages: tuple[str, ...] = ("zero0", "zero1", "zero2", "zero3"), ranks: int = 2,
+def zero_memory(preset: str = "125M", stages: tuple[str, ...] = ("zero0", "zero1", "zero2", "zero3", "zero3_lowmem"),
+                ranks: int = 2,
                 seq_len: int = 256, steps: int = 3, micro_batch_size: int = 1, precision: str = "fp32",
                 threads: int = 1, malloc_mmap_threshold: int = 65536, work_dir: str | None = None) -> dict:
     """Print a table of per-rank peak RSS (GB) for each DeepSpeed config, and return it.
