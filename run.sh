@@ -104,7 +104,7 @@ if [ "$TRACK" = smollm2 ]; then
   SFT_CONFIG=configs/sft/chatterbot-smollm2-lora.yaml
   [ "$GPUS" -eq 0 ] || SFT_CONFIG=configs/sft/chatterbot-smollm2-lora-gpu.yaml
   # --quick: a rehearsal of every stage with tiny sizes (minutes on 2 cores); the figures mean nothing
-  SFT_OPTS=(); CALIB=(--n_samples 64 --seq_len 512); EVAL_TOKENS=16384
+  SFT_OPTS=(); CALIB=(--n_samples 64 --seq_len 512); EVAL_TOKENS=8192
   [ -z "$QUICK" ] || { SFT_OPTS=(--train.max_steps 4 --train.warmup_steps 1 --train.eval_every 4 --train.eval_batches 2
                                  --train.save_every 4)
                        CALIB=(--n_samples 4 --seq_len 128); EVAL_TOKENS=1024; }
@@ -207,10 +207,10 @@ smol_sft() {
   launch llm/sft.py --config "$SFT_CONFIG" --model "$BASE" --data "$CHATS" --train.run_dir "$SFT" \
     --train.resume auto "${SFT_OPTS[@]+"${SFT_OPTS[@]}"}" "${TRAIN_OPTS[@]+"${TRAIN_OPTS[@]}"}"
 }
-smol_quantize() {  # calibrated on the SFT training chats (quantize.py's default: final/training_data.json)
+smol_quantize() {  # asymmetric g64 (576 in-features), calibrated and measured on Shakespeare (train / held-out split)
   [ -f "$QUANT/config.json" ] && return 0
-  "$PY" tools/quantize.py --model "$SFT/final" --out "$QUANT" --bits 4 --group_size 64 --sym false "${CALIB[@]}" \
-    --eval_data builtin:shakespeare --eval_tokens "$EVAL_TOKENS" --eval_ctx 512
+  "$PY" tools/quantize.py --model "$SFT/final" --out "$QUANT" --bits 4 --group_size 64 --sym false \
+    --calib builtin:shakespeare "${CALIB[@]}" --eval_data builtin:shakespeare --eval_tokens "$EVAL_TOKENS" --eval_ctx 512
 }
 smol_gguf() { stage_gguf; }
 smol_samples() {  # greedy answers, in the chat template, of each model to the held-out questions → samples.json

@@ -89,3 +89,14 @@ def test_run_sh_base_track():
     plan = dict(line.split(": ", 1) for line in run_sh("--print-plan").stdout.splitlines())
     assert plan["track"] == "scratch" and plan["config"] == "configs/pretrain/cpu-demo.yaml"
     assert plan["stages"] == "setup tokenizer data pretrain eval sft quantize eval_quant gguf summary"
+
+
+def test_run_sh_times_only_stages_that_did_work(tmp_path):
+    """A re-run whose stage finds its output there (setup's venv stamp) keeps the time of the run that made it."""
+    for _ in range(2):  # --only data redoes data each time; setup runs too, and finds the venv installed
+        r = run_sh("--base", "smollm2", "--only", "data", "--out", str(tmp_path))
+        assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "runs" / "smollm2" / "pipeline-times.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["setup", "data", "data"]
+    questions = (tmp_path / "data" / "smollm2-questions.txt").read_text().splitlines()
+    assert len(questions) == 3 and (tmp_path / "data" / "chatterbot-en.jsonl").stat().st_size > 100_000
