@@ -325,9 +325,16 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
     t0 = time.perf_counter()
     with _building(out_dir, used, overwrite) as tmp, _encoder(workers, str(tok_path), cfg) as encode:
         writers = {s: _ShardWriter(tmp, s, max_shard_tokens) for s in ("train", "val")}
-        # the bar is closed (its line finished) before an error message is printed
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing into {out_dir}", smoothing=0.1) as bar:
+        # the bar shows after a second (a quick refusal prints nothing else), and a failure clears it before its
+        # one-line message is printed
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing into {out_dir}", smoothing=0.1, delay=1)
+        try:
             counts = _write_shards(encode(_tasks(files, txt_docs, int(chunk_mb * 2**20))), writers, dedupe, bar)
+        except BaseException:
+            bar.leave = False
+            raise
+        finally:
+            bar.close()
         splits = {s: w.close() for s, w in writers.items()}
         if not splits["train"]["tokens"]:
             raise UserError(f"{', '.join(inputs)}: no training documents — the input is empty"

@@ -110,15 +110,37 @@ def _read(fd: int) -> dict:
 
 def holds_run_lock(is_main: Callable[[], bool]):
     """Decorator for `train(model, train_ds, val_ds, cfg, ...)`: on the main process (`is_main()`), the run
-    directory `cfg.run_dir` is locked for the whole call."""
+    directory `cfg.run_dir` is locked for the whole call. Under a launcher the process group is set up first and
+    rank 0 tells the others whether it got the lock: when it did not, rank 0 raises its one-line error and every
+    other rank exits 2 silently (none waits in a collective rank 0 never joins)."""
+    import llm.train.dist as dist
+
     def wrap(fn):
         sig = inspect.signature(fn)
 
         @functools.wraps(fn)
         def locked(*args, **kwargs):
-            if not is_main():
+            many = dist.world_size() > 1
+            if many:
+                dist.init_distributed()
+            lock, refusal = None, None
+            if is_main():
+                try:
+                    lock = RunLock(sig.bind(*args, **kwargs).arguments["cfg"].run_dir).acquire()
+                except Exception as e:  # noqa: BLE001 — re-raised below, once the other ranks know
+                    refusal = e
+            if many and not dist.broadcast(refusal is None):
+                import torch.distributed
+
+                torch.distributed.destroy_process_group()  # a group left at exit aborts the process (gloo)
+                if refusal is None:
+                    raise SystemExit(2)  # rank 0 says why
+            if refusal is not None:
+                raise refusal
+            try:
                 return fn(*args, **kwargs)
-            with RunLock(sig.bind(*args, **kwargs).arguments["cfg"].run_dir):
-                return fn(*args, **kwargs)
+            finally:
+                if lock is not None:
+                    lock.release()
         return locked
     return wrap

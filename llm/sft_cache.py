@@ -68,13 +68,8 @@ def _cache_dir(tokenizer, source: str, kind: str) -> Path:
             raise no_data_file(path)
         st = path.stat()
         data = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        root = Path(f"{path}.cache")
-        try:
-            root.mkdir(exist_ok=True)
-            writable = os.access(root, os.W_OK)
-        except OSError:
-            writable = False
-        if not writable:  # next to the data is not ours to write: the user's cache, one folder per data file
+        root = Path(f"{path}.cache")  # made by _build_once, only once the data has been read without an error
+        if not (os.access(root, os.W_OK) if root.is_dir() else not root.exists() and os.access(root.parent, os.W_OK)):  # next to the data is not ours to write: the user's cache, one folder per data file
             root = cache_root() / "sft" / f"{path.name}-{hashlib.sha256(data['path'].encode()).hexdigest()[:12]}"
     chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
     parts = {"format": CACHE_FORMAT, "kind": kind, "data": data, "tokenizer": tokenizer.sha256,
@@ -123,15 +118,48 @@ def _complete(d: Path) -> bool:
         return False
 
 
+def _make_dirs(d: Path) -> list[Path]:
+    """`d` and its missing parents made; the ones this call made, innermost first."""
+    made = []
+    for p in [d, *d.parents]:
+        if p.exists():
+            break
+        made.append(p)
+    d.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _open_lock(path: Path) -> tuple[int, bool]:
+    """An exclusive flock on `path` (waiting for it), and whether this call created the file. A lock file removed
+    by its holder while we waited (a failed build) is not the lock any more: the current file is locked instead."""
+    while True:
+        try:
+            fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            try:
+                fd, created = os.open(path, os.O_RDWR), False
+            except FileNotFoundError:
+                continue
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd, created
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 def _build_once(cache: Path, build) -> Path:
     """`cache`, built by `build(tmp_dir)` unless complete. Whichever process (rank) comes first builds under an
     exclusive file lock, into a temporary directory renamed into place at the end, so a killed build never looks
-    complete; the others wait for the lock and find the cache there."""
+    complete; the others wait for the lock and find the cache there. A build that fails (bad data: the error names
+    the record) removes what this call made — its lock file and the cache folders it created — and nothing else."""
     if _complete(cache):
         return cache
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache.parent / f"{cache.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+    made = _make_dirs(cache.parent)
+    lock = cache.parent / f"{cache.name}.lock"
+    fd, created = _open_lock(lock)
+    try:
         if _complete(cache):
             return cache
         for stale in [*cache.parent.glob(f"{cache.name}.tmp*"), cache]:  # left by a killed build: no one owns them
@@ -143,7 +171,16 @@ def _build_once(cache: Path, build) -> Path:
             os.replace(tmp, cache)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            if created:
+                lock.unlink(missing_ok=True)  # while still locked: a waiting process then locks a fresh file
+            for d in made:
+                try:
+                    d.rmdir()  # only if empty: another process's cache stays
+                except OSError:
+                    break
             raise
+    finally:
+        os.close(fd)
     return cache
 
 

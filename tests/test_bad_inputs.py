@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import llm.cli
+import llm.sft_cache
 from llm.corpora import iter_documents
 from test_safety import snapshot  # every file (sha256) and folder under the given roots
 
@@ -201,6 +202,24 @@ ROWS = [
     ("convert-gguf-folder", CONVERT, ["from_gguf", "--src", "{w}/g", "--dst", "{w}/hf"], "--src {w}/g: is a folder",
      {"g/x": ""}),
     ("convert-src-file", CONVERT, ["to_gguf", "--src", "{text}", "--dst", "{w}/m.gguf"], "{text}", {}),
+    # bad records: the one line names the file and line, and no <data>.jsonl.cache/ (or its lock) is left behind
+    ("sft-data-empty", SFT, ["--model", "{model}", "--data", "{w}/empty.jsonl", "--train.run_dir", "{w}/run"],
+     "{w}/empty.jsonl: no records", {"empty.jsonl": ""}),
+    ("sft-data-not-json", SFT, ["--model", "{model}", "--data", "{w}/c.jsonl", "--train.run_dir", "{w}/run"],
+     "{w}/c.jsonl:2: invalid JSON", {"c.jsonl": CHAT_OK + '{"messages": \n'}),
+    ("sft-content-int", SFT, ["--model", "{model}", "--data", "{w}/c.jsonl", "--train.run_dir", "{w}/run"],
+     "{w}/c.jsonl:2: message 0: content must be a string", {"c.jsonl": CHAT_OK + CHAT_OK.replace('"hi"', "42")}),
+    ("sft-content-null", SFT, ["--model", "{model}", "--data", "{w}/c.jsonl", "--train.run_dir", "{w}/run"],
+     "{w}/c.jsonl:1: message 1: content must be a string", {"c.jsonl": CHAT_OK.replace('"hello"', "null")}),
+    ("classify-label-string", CLASSIFY, ["--model", "{model}", "--data", "{w}/d.jsonl", "--train.run_dir", "{w}/run"],
+     "{w}/d.jsonl:2: label 'pos'", {"d.jsonl": '{"text": "good", "label": 1}\n{"text": "fine", "label": "pos"}\n'}),
+    ("classify-line-not-json", CLASSIFY, ["--model", "{model}", "--data", "{w}/d.jsonl", "--train.run_dir",
+                                          "{w}/run"], "{w}/d.jsonl:2: invalid JSON",
+     {"d.jsonl": '{"text": "good", "label": 1}\ngood,1\n'}),
+    ("prepare-input-empty", PREPARE, ["--inputs", "{w}/empty.jsonl", *TOK, "--out", "{w}/d"],
+     "{w}/empty.jsonl: no training documents", {"empty.jsonl": ""}),
+    ("prepare-input-not-json", PREPARE, ["--inputs", "{w}/b.jsonl", *TOK, "--out", "{w}/d"], "{w}/b.jsonl:2:",
+     {"b.jsonl": '{"text": "a"}\n{"text": \n'}),
 ]
 
 
@@ -215,6 +234,7 @@ def test_bad_input_is_one_line_and_changes_nothing(fx, tmp_path, monkeypatch, ca
     monkeypatch.chdir(w)
     monkeypatch.setenv("LLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(sys, "stdin", _Stdin())  # chat reads its turns from stdin
+    monkeypatch.setattr(llm.sft_cache, "_cpus", lambda: 1)  # chats tokenized here: no worker pool forked from pytest
     paths = {k: str(v) for k, v in fx.items()} | {"w": str(w)}
     argv = [a.format(**paths) for a in argv]
     roots = (tmp_path, *{p.parent for p in fx.values()})
@@ -314,3 +334,21 @@ def test_under_a_launcher_one_rank_says_what_is_wrong(monkeypatch, capsys):
         with pytest.raises(SystemExit) as e:
             llm.cli.run_cli(component, args=["--train.lrr", "1"], **kwargs)
         assert e.value.code == 2 and len(capsys.readouterr().err.splitlines()) == lines
+
+
+def test_a_real_run_prints_only_the_error_line(fx, tmp_path):
+    """`python llm/sft.py` with a bad record, as a user runs it (its own process, chats tokenized by the forked
+    worker pool): stderr is the one error line — no DeepSpeed accelerator warning or import noise before it — and
+    nothing is left next to the data."""
+    import os
+    import subprocess
+
+    data = tmp_path / "c.jsonl"
+    data.write_text(CHAT_OK + CHAT_OK.replace('"hi"', "42"), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, str(ROOT / SFT), "--model", str(fx["model"]), "--data", str(data),
+                        "--train.run_dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                       env=env | {"LLM_CACHE": str(tmp_path / "cache")}, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"error: {data}:2: message 0: content must be a string, got int"], r.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]

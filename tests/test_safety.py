@@ -219,7 +219,9 @@ def test_save_model_replaces_only_its_own_model_directories(model_dir, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------- run-directory lock
-def test_a_second_training_in_a_locked_run_directory_fails_in_one_line(corpus, tok, tmp_path):
+@pytest.fixture
+def locked_run(corpus, tok, tmp_path):
+    """(data, run dir, pid): shards made from the corpus, and a run directory another process holds locked."""
     from llm.prepare import prepare
 
     data = tmp_path / "data"
@@ -230,17 +232,47 @@ def test_a_second_training_in_a_locked_run_directory_fails_in_one_line(corpus, t
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        before = snapshot(run)
-        r = subprocess.run([sys.executable, str(ROOT / "llm" / "pretrain.py"), "--config", DEBUG, "--data", str(data),
-                            "--train.run_dir", str(run), "--train.max_steps", "4", "--train.sample_prompts", "[]"],
-                           capture_output=True, text=True, timeout=300)
-        lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-        assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-3000:]
-        assert str(run) in lines[0] and f"pid {holder.pid} on {socket.gethostname()}" in lines[0], lines
-        assert snapshot(run) == before
+        yield data, run, holder.pid
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_second_training_in_a_locked_run_directory_fails_in_one_line(locked_run):
+    data, run, pid = locked_run
+    before = snapshot(run)
+    r = subprocess.run([sys.executable, str(ROOT / "llm" / "pretrain.py"), "--config", DEBUG, "--data", str(data),
+                        "--train.run_dir", str(run), "--train.max_steps", "4", "--train.sample_prompts", "[]"],
+                       capture_output=True, text=True, timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-3000:]
+    assert str(run) in lines[0] and f"pid {pid} on {socket.gethostname()}" in lines[0], lines
+    assert snapshot(run) == before
+
+
+def test_under_a_launcher_no_rank_waits_for_a_refused_lock(locked_run):
+    """2 CPU ranks started as a launcher starts them (its environment, no launcher to kill the rest): rank 0
+    cannot take the lock and alone prints the line; every rank exits 2 by itself, none waits in a collective."""
+    from test_pretrain import clean_env, free_port
+
+    data, run, pid = locked_run
+    before = snapshot(run)
+    world = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    ranks = [subprocess.Popen([sys.executable, str(ROOT / "llm" / "pretrain.py"), "--config", DEBUG, "--data",
+                               str(data), "--train.run_dir", str(run), "--train.max_steps", "4",
+                               "--train.sample_prompts", "[]"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=clean_env() | world | {"RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=240) for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    errors = [[line for line in err.splitlines() if line.strip()] for _, err in outs]
+    assert [p.returncode for p in ranks] == [2, 2], outs
+    assert len(errors[0]) == 1 and f"{run}: in use by another training (pid {pid}" in errors[0][0], errors
+    assert errors[1] == [], errors
+    assert snapshot(run) == before
 
 
 def test_a_stale_lock_is_taken_over_with_a_warning(capsys, tmp_path):

@@ -210,3 +210,26 @@ def test_config_errors_come_before_any_data_work(tmp_path, monkeypatch):
         sft.main(str(tmp_path / "no-model"), str(tmp_path / "chats.jsonl"), cfg)
     with pytest.raises(UserError, match="warmup_steps=10"):
         classify.main(str(tmp_path / "no-model"), str(tmp_path / "texts.jsonl"), cfg)
+
+
+def test_bad_data_leaves_no_cache_behind(chat_tokenizer, chats_file, tmp_path):
+    """A build that fails on bad data removes what it made (the cache folder, its lock) and nothing else: a cache
+    folder that was there stays with what it held, and a cache built before is still used."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"messages": [{"role": "user", "content": 42}, {"role": "assistant", "content": "yo"}]}\n')
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(UserError, match="bad.jsonl:2"):
+        tokenized_chats(chat_tokenizer, str(bad))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError, match="no records"):
+        tokenized_labelled(chat_tokenizer, str(tmp_path / "empty.jsonl"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before + ["empty.jsonl"]
+    good = tokenized_chats(chat_tokenizer, str(chats_file)).directory
+    mine = good.parent / "notes.txt"
+    mine.write_text("mine")
+    chats_file.write_text(chats_file.read_text() + "{not json\n")  # a new key: a new build in the same folder
+    with pytest.raises(UserError, match="invalid JSON"):
+        tokenized_chats(chat_tokenizer, str(chats_file))
+    assert sorted(p.name for p in good.parent.iterdir()) == sorted([good.name, f"{good.name}.lock", "notes.txt"])
+    assert mine.read_text() == "mine" and sft_cache._complete(good)
