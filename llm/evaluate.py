@@ -9,6 +9,8 @@
   or a jsonl of {"context", "endings", "label"}; prompts follow lm-eval's (cloze) formats. Each context runs
   once: its endings sit side by side after it in one sequence, each masked to see only the context and itself,
   with the positions they would have alone (the same numbers as scoring every choice separately, ~2x faster).
+  `idioms` (or builtin:idioms-mc): 200 questions about idioms builtin:idioms holds out, asked in its ChatML form
+  ("成语「X」是什么意思？"), the true meaning against three other held-out idioms' meanings.
 - Passkey retrieval (Mohtashami & Jaggi 2023, "Landmark attention"): a random number hidden at a random depth
   in repeated filler text, asked back; accuracy per context length shows whether a context extension works.
 """

@@ -92,8 +92,11 @@ def pick_coverage(lines: list[str], vocab_size: int, max_chars: int = 20_000_000
     return COVERAGES[-1]
 
 
-def report(tok: Tokenizer, preset: str) -> dict:
-    """Characters and bytes per token on held-out text, and the embedding's share of the preset's parameters."""
+def report(tok: Tokenizer, preset: str, chat_sources: tuple[str, ...] = ()) -> dict:
+    """Characters and bytes per token on held-out text (and the share of byte fragments in the held-out chats of
+    `chat_sources`), and the embedding's share of the preset's parameters."""
+    from llm.chat import render
+
     out = {"vocab_size": tok.vocab_size}
     print(f"vocab size: {tok.vocab_size}")
     for lang, src in HELD_OUT.items():
@@ -102,6 +105,10 @@ def report(tok: Tokenizer, preset: str) -> dict:
         out[lang] = {"chars_per_token": len(text) / n, "bytes_per_token": len(text.encode("utf-8")) / n}
         print(f"held-out {lang} ({src} val, {len(text):,} chars): {out[lang]['chars_per_token']:.2f} chars/token, "
               f"{out[lang]['bytes_per_token']:.2f} bytes/token")
+    for src in chat_sources:
+        fragments, n = tok.count_byte_fragments(tok.encode_batch([render(c) for _, c in load_chats(src, "val")]))
+        out[src] = {"byte_fragment_share": fragments / max(n, 1)}
+        print(f"held-out chats of {src}: {fragments / max(n, 1):.1%} of {n:,} tokens are byte fragments")
     args = ModelArgs.from_preset(preset, vocab_size=tok.vocab_size)
     emb = tok.vocab_size * args.dim * (1 if args.tie_word_embeddings else 2)
     out["embedding_share"] = emb / args.n_params
@@ -162,7 +169,7 @@ def train_tokenizer(inputs: Union[list[str], str, None] = None, out: str = "data
         out_path = out_path / "tokenizer.model"
     if out_path.is_file() and not overwrite:
         print(f"{out_path}: exists (--overwrite retrains); its report:")
-        return report(Tokenizer(out_path), preset)
+        return report(Tokenizer(out_path), preset, tuple(i for i in inputs if is_chat_source(i)))
     # before the training: every file written must be new, or (--overwrite) a tokenizer file of ours
     if not 0 < char_share < 1:
         raise UserError(f"--char_share {char_share}: give a share of the vocabulary between 0 and 1")
@@ -211,4 +218,4 @@ def train_tokenizer(inputs: Union[list[str], str, None] = None, out: str = "data
                 except OSError:
                     break
     print(f"wrote {out_path} (+ tokenizer.json, tokenizer_config.json, special_tokens_map.json)")
-    return report(Tokenizer(out_path), preset)
+    return report(Tokenizer(out_path), preset, tuple(i for i in inputs if is_chat_source(i)))
