@@ -148,6 +148,13 @@ def _demo(split: Optional[str], max_bytes: Optional[int]) -> Iterator[str]:
                 yield d
 
 
+def unknown_builtin(spec: str) -> UserError:
+    msg = f"{spec}: unknown built-in corpus — choose one of {', '.join('builtin:' + b for b in BUILTINS)}"
+    if spec == "builtin:idioms":
+        msg += " (builtin:idioms is chat data for llm/sft.py; its text as prose is builtin:idioms-text)"
+    return UserError(msg)
+
+
 def iter_documents(source: str, split: Optional[str] = "train", text_key: str = "text", txt_docs: str = "blank_line",
                    max_bytes: Optional[int] = None) -> Iterator[str]:
     """Documents of `source`: `builtin:NAME` (split "train", "val" or None for all; `max_bytes` caps the text), or
@@ -155,8 +162,7 @@ def iter_documents(source: str, split: Optional[str] = "train", text_key: str = 
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         if name not in BUILTINS:
-            raise UserError(f"{source}: unknown built-in corpus — choose one of "
-                            f"{', '.join('builtin:' + b for b in BUILTINS)}")
+            raise unknown_builtin(source)
         if split not in ("train", "val", None):
             raise ValueError(f"split must be 'train', 'val' or None, not {split!r}")
         if name == "demo":
@@ -184,8 +190,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     for spec in inputs:
         if spec.startswith("builtin:"):
             if spec.split(":", 1)[1] not in BUILTINS:
-                raise UserError(f"{spec}: unknown built-in corpus — choose one of "
-                                f"{', '.join('builtin:' + b for b in BUILTINS)}")
+                raise unknown_builtin(spec)
             out.append(spec)
             continue
         p = Path(spec)

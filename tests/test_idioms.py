@@ -99,3 +99,14 @@ def test_tokenizer_trained_as_run_sh_covers_the_sft_chats(tmp_path):
     assert tok.coverage_warning(fragments, tokens, "builtin:idioms") is None
     assert rep["builtin:idioms"]["byte_fragment_share"] < BYTE_FRAGMENT_WARN  # its report: the held-out chats
     assert rep["en"]["bytes_per_token"] > 1.9 and rep["zh"]["bytes_per_token"] > 2.9
+
+
+def test_chat_builtins_are_tokenizer_inputs_not_corpora():
+    from llm.cli import UserError
+    from llm.tokenizer_train import expand_text_inputs, input_documents
+
+    assert expand_text_inputs(["builtin:demo", "builtin:idioms"]) == ["builtin:demo", "builtin:idioms"]
+    first = next(iter(input_documents("builtin:idioms", "text", "blank_line")))
+    assert first.startswith("成语「") and "\n「" in first  # the question, then the answer, one message a line
+    with pytest.raises(UserError, match="its text as prose is builtin:idioms-text"):
+        list(iter_documents("builtin:idioms"))
