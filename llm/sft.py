@@ -29,7 +29,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs/sft/defaults.yam
 @defaults_from(DEFAULT_CONFIG)
 def main(model: str, data: str, train: TrainConfig = TrainConfig(), mode: Literal["full", "lora", "longlora"] = "full",
          val_data: Optional[str] = None, seq_len: Optional[int] = None, pack: bool = True, truncate: bool = False,
-         val_fraction: float = 0.05, max_examples: Optional[int] = None, lora: LoraOptions = LoraOptions(),
+         val_fraction: float = 0.05, max_examples: Optional[int] = None, replay: float = 0.0,
+         replay_data: Optional[str] = None, lora: LoraOptions = LoraOptions(),
          longlora: LongLoraOptions = LongLoraOptions()) -> dict:
     """Fine-tune a Hugging Face Llama directory on chats (or plain text) with the shared DeepSpeed trainer; returns
     the run's summary.
@@ -47,12 +48,16 @@ def main(model: str, data: str, train: TrainConfig = TrainConfig(), mode: Litera
         truncate: cut chats longer than seq_len instead of skipping them.
         val_fraction: share of the chats held out for validation when val_data is not given.
         max_examples: use only N training chats (drawn at random with train.seed).
+        replay: share of training sequences that are pretraining windows (all tokens labelled), interleaved
+            deterministically with the chats, so fine-tuning keeps the language the model learned (0 = none).
+        replay_data: the pretraining data dir (tools/prepare_data.py) to replay, and whose val split each evaluation
+            scores as val_pretrain_loss; default: the one the model records in training_data.json, if any.
         lora: LoRA rank/alpha/dropout/targets (modes lora and longlora).
         longlora: context extension factor, RoPE scaling type and S²-Attn group size (mode longlora).
     """
     from llm.hf_format import load_model, load_tokenizer
     from llm.longlora import enable_s2_attn, extend_context
-    from llm.tasks.lm import LanguageModelTask, chat_splits, shard_splits
+    from llm.tasks.lm import LanguageModelTask, chat_splits, replay_splits, shard_splits
     from llm.tasks.lora import LoraTask
     from llm.tasks.zero3 import load_partitioned
 
@@ -76,12 +81,17 @@ def main(model: str, data: str, train: TrainConfig = TrainConfig(), mode: Litera
         raise UserError(f"--seq_len {seq_len} exceeds the model's {base.args.max_seq_len} positions — lower it, or "
                         "extend the context with --mode longlora --longlora.context_factor")
     if (Path(data) / "meta.json").is_file() or (Path(data).is_dir() and not data.startswith("builtin:")):
+        if replay or replay_data:
+            raise UserError("--replay / --replay_data mix pretraining text into chat data; --data is text already")
         train_split, val_split = shard_splits(data, seq_len, train.seed, base.args.vocab_size, tokenizer, val_data)
         data_kw = dict(train_split=train_split, val_split=val_split, tokenizer=tokenizer, data=data)
     else:
         train_split, val_split, collate, prompts = chat_splits(data, val_data, tokenizer, seq_len, pack, truncate,
                                                                val_fraction, max_examples, train.seed)
-        data_kw = dict(train_split=train_split, val_split=val_split, tokenizer=tokenizer, collate=collate, data=data)
+        train_split.replay, extra_val = replay_splits(model, replay, replay_data, seq_len, train.seed,
+                                                      base.args.vocab_size, tokenizer)
+        data_kw = dict(train_split=train_split, val_split=val_split, tokenizer=tokenizer, collate=collate, data=data,
+                       extra_val=extra_val)
         if mode == "longlora" and pack:
             dist.log("note: packed batches carry a block-diagonal mask and use full attention; S²-Attn applies to "
                      "unpacked sequences (--pack false)")

@@ -97,6 +97,25 @@ def _pack(lengths: np.ndarray, seq_len: int) -> np.ndarray:
     return np.array(bounds + [len(lengths)], dtype=np.int64)
 
 
+class WindowItems(Dataset):
+    """Pretraining windows (llm.data.PretrainDataset, this rank's shard) as SFT items: each one document of seq_len
+    tokens with every token labelled, so SFTCollator batches them beside chats (replay of pretraining text during
+    SFT, and its validation loss)."""
+
+    def __init__(self, windows):
+        self.windows = windows
+
+    def __len__(self):
+        return len(self.windows)
+
+    def set_epoch(self, epoch: int):
+        self.windows.set_epoch(epoch)
+
+    def __getitem__(self, i):
+        x, y = self.windows[i]
+        return [(x.tolist(), y.tolist())]
+
+
 class SFTCollator:
     """Items of SFTDataset -> a batch dict for llm.tasks.lm.lm_loss.
 

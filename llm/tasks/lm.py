@@ -1,5 +1,6 @@
 """Language modelling: next-token loss on pretraining shards (every token) or on chats (assistant tokens only,
-packed), the task behind llm/pretrain.py and full fine-tuning in llm/sft.py."""
+packed, optionally mixed with replayed pretraining windows), the task behind llm/pretrain.py and full fine-tuning in
+llm/sft.py."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from llm.cli import UserError
 from llm.model import Transformer
 from llm.hf_format import TRAINING_DATA_FILE
 from llm.train import Split, Task, TrainConfig, dist
+from llm.train.sampler import Replay
 
 
 def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -40,12 +42,16 @@ class LanguageModelTask(Task):
     """Train a `Transformer` (whole) on next-token prediction; final/ is a Hugging Face Llama directory."""
 
     def __init__(self, model: Transformer, train_split: Split, val_split: Optional[Split], tokenizer=None,
-                 collate=collate_windows, data: Optional[str] = None):
+                 collate=collate_windows, data: Optional[str] = None, extra_val: Optional[dict[str, Split]] = None):
         self.model, self.train_split, self.val_split = model, train_split, val_split
         self.tokenizer, self._collate, self.data = tokenizer, collate, data
+        self.extra_val = extra_val or {}
 
     def collate(self, items):
         return self._collate(items)
+
+    def extra_val_splits(self) -> dict[str, Split]:
+        return self.extra_val
 
     def loss(self, model, batch):
         return lm_loss(model, batch)
@@ -141,3 +147,44 @@ def chat_splits(data: str, val_data: Optional[str], tokenizer, seq_len: int, pac
         return Split(ds, lengths=None if pack else ds.lengths) if ds is not None else None
 
     return split(train_ds), split(val_ds), SFTCollator(tokenizer.pad_or_eos, seq_len, packed=pack), prompts
+
+
+def recorded_data_dir(model_dir: str) -> Optional[str]:
+    """The prepared data dir `model_dir` was trained on, as its final/training_data.json records it (None when it
+    records none, or a built-in source, or a dir that is not here)."""
+    try:
+        spec = json.loads((Path(model_dir) / TRAINING_DATA_FILE).read_text())["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return spec if isinstance(spec, str) and (Path(spec) / "meta.json").is_file() else None
+
+
+def replay_splits(model_dir: str, share: float, data: Optional[str], seq_len: int, seed: int, vocab_size: int,
+                  tokenizer) -> tuple[Optional[Replay], dict[str, Split]]:
+    """Pretraining text during SFT: (the `share` of training positions given to windows of `seq_len` tokens of
+    `data` — default: the data the base model records — or None, {"pretrain": its val split} or {}). Nothing
+    without a share or `data`."""
+    from llm.data import PretrainDataset, read_meta
+    from llm.sft_data import WindowItems
+
+    if not 0 <= share < 1:
+        raise UserError(f"--replay {share}: the share of training sequences must be in [0, 1)")
+    if share == 0 and data is None:
+        return None, {}
+    data = data or recorded_data_dir(model_dir)
+    if data is None:
+        raise UserError(f"--replay {share}: {model_dir} records no pretraining data dir here ({TRAINING_DATA_FILE})"
+                        " — pass --replay_data DIR (a tools/prepare_data.py dir)")
+    rank, world = dist.rank(), dist.world_size()
+
+    def windows(split: str) -> PretrainDataset:
+        return PretrainDataset(data, split, seq_len, seed, rank, world, vocab_size, tokenizer)
+
+    replay = Replay(WindowItems(windows("train")), share) if share > 0 else None
+    val = {}
+    if read_meta(data)["splits"].get("val", {}).get("shards"):
+        ds = windows("val")
+        val["pretrain"] = Split(WindowItems(ds), sharded=True, bytes_per_token=ds.bytes_per_token, seq_len=seq_len)
+    dist.log(f"{data}: {f'{share:.0%} of training sequences are its windows of {seq_len} tokens; ' if replay else ''}"
+             f"{'its val split is evaluated as val_pretrain_loss' if val else 'no val split: no val_pretrain_loss'}")
+    return replay, val

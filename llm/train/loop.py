@@ -118,7 +118,9 @@ def fit(task: Task, cfg: TrainConfig) -> dict:
     flops_per_token = train_flops_per_token(model, all_trained) if all_trained else None
     peak = peak_flops(device)
 
-    metrics = Metrics(run_dir, engine.monitor, state.step if resume_meta else None) if is_main else None
+    extra_val = list(task.extra_val_splits())
+    metrics = Metrics(run_dir, engine.monitor, state.step if resume_meta else None,
+                      [f"val_{name}_{k}" for name in extra_val for k in ("loss", "ppl")]) if is_main else None
     from llm.model import attention_kernel
 
     log(f"training {n_trainable / 1e6:.2f}M parameters on {world} rank(s) ({device_label(device)}), ZeRO-"
@@ -137,12 +139,15 @@ def fit(task: Task, cfg: TrainConfig) -> dict:
     window_loss, window_steps, window_tokens, t_window = torch.zeros((), device=device), 0, 0, time.perf_counter()
     t_start = time.perf_counter() - state.elapsed_s
 
+    evaluating = task.val_split is not None or bool(extra_val)
+
     def run_eval() -> dict:
         return evaluate(engine, task, cfg, plan, state, device, metrics, bar)
 
     try:
-        if cfg.eval_at_start and task.val_split is not None and state.step == 0:
-            summary["val_loss_at_start"] = run_eval().get("val_loss")
+        if cfg.eval_at_start and evaluating and state.step == 0:
+            first = run_eval()
+            summary.update({f"{k}_at_start": first.get(k) for k in ["val_loss"] + [f"val_{n}_loss" for n in extra_val]})
             t_window = time.perf_counter()
         while state.step < cfg.max_steps:
             step_loss = torch.zeros((), device=device)
@@ -209,7 +214,7 @@ def fit(task: Task, cfg: TrainConfig) -> dict:
             if world > 1:
                 stopping = bool(dist.all_reduce(stopping, device, torch.distributed.ReduceOp.MAX))
             done = state.step == cfg.max_steps
-            if task.val_split is not None and (state.step % cfg.eval_every == 0 or done):
+            if evaluating and (state.step % cfg.eval_every == 0 or done):
                 summary.update(run_eval())
                 last_eval = state.step
             if state.step % cfg.save_every == 0 or done or stopping:
@@ -290,34 +295,44 @@ def _ranks_in_sync(engine, plan: Plan) -> Optional[bool]:
     return True
 
 
+def _mean_loss(engine, task: Task, split: Split, cfg: TrainConfig, plan: Plan, device) -> Optional[tuple]:
+    """(mean loss, items labelled right or None) over the first `eval_batches` micro batches of every rank's
+    items of `split`; None when a rank has no full micro batch."""
+    world = torch.distributed.get_world_size()
+    n = int(dist.all_reduce(split.local_len(world), device, torch.distributed.ReduceOp.MIN))
+    n = min(n // plan.micro_batch_size, cfg.eval_batches) * plan.micro_batch_size
+    if n == 0:
+        return None
+    order = split.epoch_indices(0, n, cfg.seed, torch.distributed.get_rank(), world)
+    total, correct, counted = torch.zeros((), device=device), torch.zeros((), device=device), False
+    for i in range(0, n, plan.micro_batch_size):
+        batch = to_device(task.collate([split.items[j] for j in order[i:i + plan.micro_batch_size]]), device)
+        total += task.loss(engine, batch).float()
+        if (c := task.count_correct(engine, batch)) is not None:
+            correct, counted = correct + c, True
+    loss = float(dist.all_reduce(total, device)) / world / (n // plan.micro_batch_size)
+    return loss, float(dist.all_reduce(correct, device)) / world / n if counted else None
+
+
 @torch.no_grad()
 def evaluate(engine, task: Task, cfg: TrainConfig, plan: Plan, state: TrainState, device,
              metrics: Optional[Metrics], bar) -> dict:
     """Mean loss over the first `eval_batches` micro batches of every rank's validation items, bits per byte (with
-    the data's bytes/token), accuracy on the same items (tasks that count correct labels), and the task's samples
+    the data's bytes/token), accuracy on the same items (tasks that count correct labels), the loss and perplexity
+    on each of the task's extra validation splits (`val_<name>_loss`, `val_<name>_ppl`), and the task's samples
     (every rank decodes: ZeRO-3 needs them)."""
-    world = torch.distributed.get_world_size()
-    split: Split = task.val_split
-    n = int(dist.all_reduce(split.local_len(world), device, torch.distributed.ReduceOp.MIN))
-    n = min(n // plan.micro_batch_size, cfg.eval_batches) * plan.micro_batch_size
     out: dict[str, Any] = {}
     engine.eval()
     try:
-        if n > 0:
-            order = split.epoch_indices(0, n, cfg.seed, torch.distributed.get_rank(), world)
-            total, correct, counted = torch.zeros((), device=device), torch.zeros((), device=device), False
-            for i in range(0, n, plan.micro_batch_size):
-                batch = to_device(task.collate([split.dataset[j] for j in order[i:i + plan.micro_batch_size]]),
-                                  device)
-                total += task.loss(engine, batch).float()
-                if (c := task.count_correct(engine, batch)) is not None:
-                    correct, counted = correct + c, True
-            val_loss = float(dist.all_reduce(total, device)) / world / (n // plan.micro_batch_size)
-            out["val_loss"] = val_loss
-            if counted:
-                out["val_accuracy"] = float(dist.all_reduce(correct, device)) / world / n
-            bpt = split.bytes_per_token
-            out["val_bpb"] = val_loss / math.log(2) / bpt if bpt else float("nan")
+        if task.val_split is not None and (r := _mean_loss(engine, task, task.val_split, cfg, plan, device)):
+            out["val_loss"] = r[0]
+            if r[1] is not None:
+                out["val_accuracy"] = r[1]
+            bpt = task.val_split.bytes_per_token
+            out["val_bpb"] = r[0] / math.log(2) / bpt if bpt else float("nan")
+        for name, split in task.extra_val_splits().items():
+            if r := _mean_loss(engine, task, split, cfg, plan, device):
+                out[f"val_{name}_loss"], out[f"val_{name}_ppl"] = r[0], math.exp(min(r[0], 700))
         if cfg.sample_prompts:
             with torch.compiler.set_stance("force_eager"):  # a compiled model: a few tokens do not repay compiling
                 samples = task.samples(engine.module, cfg, same_length=plan.zero_stage == 3)
@@ -326,12 +341,18 @@ def evaluate(engine, task: Task, cfg: TrainConfig, plan: Plan, state: TrainState
     finally:
         engine.train()
     if metrics is not None:
-        if "val_loss" in out:
-            metrics.write(dict(step=state.step, tokens=state.tokens, val_loss=out["val_loss"], val_bpb=out["val_bpb"],
-                               val_accuracy=out.get("val_accuracy", "")))
-            bpb = f" | bits/byte {out['val_bpb']:.4f}" if math.isfinite(out["val_bpb"]) else ""  # chats: no byte count
-            acc = f" | accuracy {out['val_accuracy']:.4f}" if "val_accuracy" in out else ""
-            bar.write(f"eval step {state.step} | val loss {out['val_loss']:.4f}{bpb}{acc}")
+        losses = {k: v for k, v in out.items() if k != "samples"}
+        if losses:
+            metrics.write(dict(step=state.step, tokens=state.tokens, **losses))
+            line = f" | val loss {out['val_loss']:.4f}" if "val_loss" in out else ""
+            if math.isfinite(out.get("val_bpb", math.nan)):  # chats: no byte count
+                line += f" | bits/byte {out['val_bpb']:.4f}"
+            if "val_accuracy" in out:
+                line += f" | accuracy {out['val_accuracy']:.4f}"
+            for name in task.extra_val_splits():
+                if f"val_{name}_loss" in out:
+                    line += f" | val {name} loss {out[f'val_{name}_loss']:.4f} (ppl {out[f'val_{name}_ppl']:.2f})"
+            bar.write(f"eval step {state.step}{line}")
         for p, text in out.get("samples", {}).items():
             bar.write(f"  sample {p!r} -> {text!r}")
         if out.get("samples"):

@@ -8,7 +8,7 @@ import os
 import resource
 import signal
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -63,22 +63,23 @@ class Metrics:
     """metrics.csv (one row per log step and per evaluation), TensorBoard through DeepSpeed's monitor, loss.png.
     Rank 0 only."""
 
-    def __init__(self, run_dir: Path, monitor, resume_step: Optional[int]):
+    def __init__(self, run_dir: Path, monitor, resume_step: Optional[int], extra_fields: Sequence[str] = ()):
         self.path, self.png, self.monitor = run_dir / "metrics.csv", run_dir / "loss.png", monitor
+        self.fields = CSV_FIELDS[:-1] + tuple(extra_fields) + CSV_FIELDS[-1:]  # e.g. val_pretrain_loss
         rows = []
         if resume_step is not None and self.path.is_file():  # drop what a stopped run logged after its checkpoint
             with self.path.open() as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         tmp = self.path.with_name(".metrics.csv.tmp")
         with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, CSV_FIELDS)
+            w = csv.DictWriter(f, self.fields, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
         os.replace(tmp, self.path)
 
     def write(self, row: dict):
         with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, CSV_FIELDS).writerow({k: row.get(k, "") for k in CSV_FIELDS})
+            csv.DictWriter(f, self.fields).writerow({k: row.get(k, "") for k in self.fields})
         if self.monitor is not None and self.monitor.enabled:
             prefix = "Eval" if "val_loss" in row else "Train"
             events = [(f"{prefix}/{k}", float(v), row["step"]) for k, v in row.items()
@@ -95,10 +96,12 @@ class Metrics:
         with self.path.open() as f:
             rows = list(csv.DictReader(f))
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key, label in (("loss", "train"), ("val_loss", "val")):
-            pts = [(int(r["step"]), float(r[key])) for r in rows if r[key] not in ("", "nan")]
+        extra = [k for k in self.fields if k.endswith("_loss") and k != "val_loss"]  # e.g. val_pretrain_loss
+        curves = [("loss", "train"), ("val_loss", "val")] + [(k, k[:-5].replace("_", " ")) for k in extra]
+        for key, label in curves:
+            pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "", "nan")]
             if pts:
-                ax.plot(*zip(*pts), label=label, marker="o" if key == "val_loss" else None, markersize=3)
+                ax.plot(*zip(*pts), label=label, marker="o" if key.startswith("val") else None, markersize=3)
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)

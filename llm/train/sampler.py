@@ -2,16 +2,36 @@
 
 A `Split` says how its dataset is to be read: `sharded` (already this rank's part, ordered per epoch by the dataset
 itself: the pretraining shards) or shuffled here and dealt out rank by rank; `lengths` (items padded to the batch's
-longest) gets length-bucketed batches.
+longest) gets length-bucketed batches; `replay` interleaves a second, sharded dataset (pretraining windows during
+SFT) at a fixed share of each rank's positions.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 from llm.train.config import TrainState
+
+
+@dataclass
+class Replay:
+    """Items of another dataset mixed into every rank's epoch: position k of a rank's order (k = 0, 1, ...) is a
+    replay item iff floor((k+1)·share) > floor(k·share), so the first n positions hold floor(n·share) of them, on
+    every rank alike; the j-th is item j of `dataset` (this rank's shard, ordered per epoch by its `set_epoch(e)`,
+    like a sharded Split). The order stays a pure function of (seed, epoch, rank, world), so resuming is exact."""
+
+    dataset: torch.utils.data.Dataset
+    share: float
+
+    def __post_init__(self):
+        if not 0 < self.share < 1:
+            raise ValueError(f"replay share {self.share} outside (0, 1)")
+
+    def is_replay(self, k: int) -> bool:
+        return math.floor((k + 1) * self.share) > math.floor(k * self.share)
 
 
 @dataclass
@@ -27,13 +47,46 @@ class Split:
     """UTF-8 bytes per token of the text, for bits per byte (None: not reported)."""
     seq_len: Optional[int] = None
     """Tokens per item when every item has the same length (throughput and MFU); None = the model's context."""
+    replay: Optional[Replay] = None
+    """Another dataset interleaved at a share of the positions; its items are indexed after `dataset`'s."""
+
+    @property
+    def items(self) -> torch.utils.data.Dataset:
+        """What epoch_indices index: `dataset`, followed by the replay dataset's items when there is one."""
+        return self.dataset if self.replay is None else torch.utils.data.ConcatDataset([self.dataset,
+                                                                                         self.replay.dataset])
 
     def local_len(self, world: int) -> int:
-        """Examples this rank can draw per epoch."""
-        return len(self.dataset) if self.sharded else len(self.dataset) // world
+        """Examples this rank can draw per epoch (with replay: positions until either dataset runs out)."""
+        own = len(self.dataset) if self.sharded else len(self.dataset) // world
+        if self.replay is None:
+            return own
+        share, other = self.replay.share, len(self.replay.dataset)
+        n = int(own / (1 - share)) + 1
+        while n - math.floor(n * share) > own or math.floor(n * share) > other:
+            n -= 1
+        return n
 
     def epoch_indices(self, epoch: int, n: int, seed: int, rank: int, world: int, mb: int = 1) -> list[int]:
-        """This rank's first `n` example indices in `epoch`, in order."""
+        """This rank's first `n` example indices (into `items`) in `epoch`, in order."""
+        if self.replay is None:
+            return self._own_indices(epoch, n, seed, rank, world, mb)
+        replay = [self.replay.is_replay(k) for k in range(n)]
+        own = self._own_indices(epoch, n - sum(replay), seed, rank, world, mb)
+        self.replay.dataset.set_epoch(epoch)
+        out, i, j = [], 0, len(self.dataset)  # own items are indices of `dataset`, replay items follow them
+        for r in replay:
+            if r:
+                out.append(j)
+                j += 1
+            elif i < len(own):
+                out.append(own[i])
+                i += 1
+            else:  # length buckets drop an epoch's last partial step
+                break
+        return out
+
+    def _own_indices(self, epoch: int, n: int, seed: int, rank: int, world: int, mb: int) -> list[int]:
         if self.sharded:
             self.dataset.set_epoch(epoch)
             return list(range(n))
@@ -62,7 +115,7 @@ def micro_batches(split: Split, state: TrainState, n: int, mb: int, collate: Cal
     per_epoch = n // mb * mb
     while True:
         order = split.epoch_indices(state.epoch, n, seed, rank, world, mb)[state.index:per_epoch]
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(split.dataset, order), batch_size=mb,
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(split.items, order), batch_size=mb,
                                              shuffle=False, drop_last=True, collate_fn=collate,
                                              num_workers=num_workers, pin_memory=device.type == "cuda")
         for batch in loader:

@@ -35,6 +35,11 @@ class Task:
         """Mean loss of a batch; `model` is the DeepSpeed engine around `self.model`."""
         raise NotImplementedError
 
+    def extra_val_splits(self) -> dict[str, Split]:
+        """Further validation sets, evaluated beside `val_split` with the same `collate` and `loss`: each evaluation
+        logs `val_<name>_loss` and `val_<name>_ppl` (e.g. "pretrain": the pretraining text during SFT)."""
+        return {}
+
     def trainable(self, name: str, param: nn.Parameter) -> bool:
         """Which parameters train (the rest are frozen before the optimizer is built)."""
         return True
