@@ -1,5 +1,6 @@
 """bench/gpu.py sections on the model itself: attention-path parity and the SDPA kernel that runs, decoding speed
-against transformers' `generate`, and LongLoRA's peak memory at 8k context."""
+against transformers' `generate`, perplexity and greedy decoding on the GPU against the CPU and transformers, and
+LongLoRA's peak memory at 8k context."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import llm.model
-from llm.config import ModelArgs
+from llm.config import PRESETS, ModelArgs
 from llm.model import Transformer
 
 
@@ -221,3 +222,99 @@ def longlora_memory(sec) -> None:
                 _sync(dev)
             sec.put(name, {"peak_gb": _peak_gb(dev, start), "step_s": round(time.perf_counter() - t, 3),
                            "loss": round(loss.item(), 4)})
+    s2, full = sec.data.get("s2_attn", {}), sec.data.get("full_attention", {})
+    if s2.get("peak_gb") and full.get("peak_gb"):
+        sec.put("s2_attn_over_full_attention", {"peak": round(s2["peak_gb"] / full["peak_gb"], 3),
+                                                "step_time": round(s2["step_s"] / full["step_s"], 3)})
+
+
+# ----------------------------------------------------------------------------------------------- eval / generate
+def eval_generate(sec) -> None:
+    """A small model trained for a few seconds on built-in Shakespeare (so that greedy choices are not near-ties),
+    saved as a Hugging Face directory, then: `tools/eval.py ppl --device cuda` (llm.evaluate.corpus_perplexity) on
+    the GPU against the same on the CPU, in fp32 and bf16; and llm.generate's greedy tokens against transformers'
+    `generate` on the same weights on the GPU, prompt by prompt and batched (left-padded)."""
+    from transformers import AutoModelForCausalLM
+
+    from gpu_train import text_data, windows
+    from llm.evaluate import corpus_perplexity
+    from llm.generate import generate
+    from llm.hf_format import save_model
+
+    dev = sec.device
+    tok, train_ids, val_ids = text_data(sec)
+    if sec.dry:
+        shape, seq, batch, steps, ppl_tokens, new = PRESETS["debug"], 64, 8, 15, 2000, 12
+    else:
+        shape, seq, batch, steps, ppl_tokens, new = dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4,
+                                                          multiple_of=128), 256, 32, 300, 16_000, 64
+    args = ModelArgs(**{**shape, "vocab_size": tok.vocab_size, "max_seq_len": seq, "pad_token_id": tok.pad_id})
+    data = windows(train_ids, seq)
+    torch.manual_seed(0)
+    model = Transformer(args).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
+    autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    t = time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        if time.perf_counter() - t > 0.25 * sec.budget:
+            break
+        rows = data[torch.randint(0, len(data), (batch,), generator=g)].to(dev)
+        with autocast:
+            loss = F.cross_entropy(model(rows[:, :-1]).flatten(0, 1).float(), rows[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    sec.put("setup", {"model": f"d{args.dim} L{args.n_layers} vocab {args.vocab_size}",
+                      "params_M": round(args.n_params / 1e6, 1), "trained_steps": step + 1,
+                      "train_s": round(time.perf_counter() - t, 1), "train_loss": round(loss.item(), 3),
+                      "ppl_source": f"builtin:shakespeare val, {ppl_tokens:,} tokens, ctx {seq}, stride {seq // 2}",
+                      "device": str(dev)})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_model(model.cpu(), f"{tmp}/model", tokenizer=tok)
+        del model, opt
+        ppl = {}
+        for where, dtype in (("cpu", torch.float32), (dev.type, torch.float32), (dev.type, torch.bfloat16)):
+            key = f"{where} {str(dtype).removeprefix('torch.')}"
+            if key in ppl or sec.skip(f"ppl {key}", 5):
+                continue
+            with sec.guard(f"ppl {key}"):
+                r = corpus_perplexity(path, "builtin:shakespeare", "val", ctx_len=seq, stride=seq // 2,
+                                      max_tokens=ppl_tokens, batch_size=8, device=where, dtype=dtype)
+                ppl[key] = r["ppl"]
+                sec.row("perplexity", {"device": where, "dtype": str(dtype).removeprefix("torch."),
+                                       "ppl": round(r["ppl"], 4), "bpb": round(r["bpb"], 4), "tokens": r["tokens"],
+                                       "seconds": r["seconds"], "rel_diff_vs_cpu_fp32":
+                                       round(abs(r["ppl"] / ppl["cpu float32"] - 1), 6) if "cpu float32" in ppl
+                                       else None})
+        if sec.skip("greedy", 10):
+            return
+        with sec.guard("greedy"):
+            from llm.hf_format import load_model
+
+            ours = load_model(path, dtype=torch.float32, device=dev).eval()
+            ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev).eval()
+            ref.generation_config.eos_token_id = None  # all new tokens, as ours without stop ids
+            docs = [val_ids[i * 97:i * 97 + n].tolist() for i, n in enumerate((3, 9, 17, 30))]
+            mine = [generate(ours, [p], new, compile=False)[0] for p in docs]
+            batched = generate(ours, docs, new, compile=False)
+            T = max(map(len, docs))
+            ids = torch.tensor([[tok.pad_id] * (T - len(p)) + p for p in docs], device=dev)
+            mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in docs], device=dev)
+            with torch.no_grad():
+                theirs = [ref.generate(torch.tensor([p], device=dev), attention_mask=torch.ones(1, len(p), device=dev,
+                                       dtype=torch.long), max_new_tokens=new, do_sample=False,
+                                       pad_token_id=tok.pad_id)[0, len(p):].tolist() for p in docs]
+                theirs_batched = ref.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                                              pad_token_id=tok.pad_id)[:, T:].tolist()
+            for p, a, b, c, d in zip(docs, mine, theirs, batched, theirs_batched):
+                sec.row("greedy", {"prompt_tokens": len(p), "new_tokens": new, "equal": a == b,
+                                   "first_difference": _first_difference(a, b), "batched_equal": c == d,
+                                   "batched_equal_single": c == a, "text": tok.decode(a)[:60]})
+            rows = sec.data["greedy"]
+            sec.put("greedy_equal_transformers", all(r["equal"] and r["batched_equal"] for r in rows))
+
+
+def _first_difference(a: list, b: list):
+    """Index of the first differing token, None when the lists are equal."""
+    return next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), None if len(a) == len(b) else min(len(a), len(b)))
