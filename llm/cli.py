@@ -12,10 +12,7 @@ import os
 import sys
 from typing import Any, Callable
 
-
-class UserError(Exception):
-    """A problem the user can fix (bad path, malformed data, impossible setting). The message names the file,
-    line or field and the fix; the CLI prints it without a traceback."""
+from llm.errors import UserError  # the CLIs' error type (imported from here by the modules that raise it)
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
@@ -59,7 +56,9 @@ def run_cli(component: Callable | dict[str, Callable], args: list[str] | None = 
     args = strip_local_rank(sys.argv[1:] if args is None else args)
     quiet_cpu_accelerator()
     default_config = default_config or getattr(component, "default_config", None)
-    once = os.environ.get("RANK", "0") == "0"  # every rank parses the same arguments: one of them says what is wrong
+    from llm.train.dist import is_main
+
+    once = is_main()  # every rank runs the same command on the same input: one of them says what is wrong
     try:
         check_args(schema_of(component), args)  # YAML and option mistakes: one line naming file, line and key
     except ValueError as e:
@@ -74,11 +73,13 @@ def run_cli(component: Callable | dict[str, Callable], args: list[str] | None = 
             print(f"error: {' '.join(str(e).split())} (see --help)", file=sys.stderr)
         sys.exit(2)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if once:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError, FileExistsError) as e:
         # a path the user gave (or its folder) that cannot be used as asked: one line, not a traceback
-        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        if once:
+            print(f"error: {os_error_message(e)}", file=sys.stderr)
         sys.exit(2)
 
 

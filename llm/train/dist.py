@@ -12,7 +12,7 @@ import subprocess
 
 import torch
 
-from llm.cli import UserError
+from llm.errors import UserError
 
 
 def rank() -> int:
