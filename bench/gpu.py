@@ -46,7 +46,7 @@ from pathlib import Path
 # name: (module, function, GPU seconds, dry-run seconds). The GPU caps add up to 465 s: more than the 450 s that
 # gpu.sh leaves them, so when every section runs to its cap, `--budget` shrinks the later ones (the quick checks
 # usually end well before theirs). The dry-run caps only stop a hang: on a loaded 2-core CI machine the tiny sizes
-# still take tens of seconds each (~1.5 min in all when the machine is idle).
+# still take up to tens of seconds each (~45 s of CPU time in all).
 SECTIONS = {
     "train": ("gpu_train", "throughput", 120, 90),
     "zero_memory": ("gpu_train", "zero_memory", 40, 40),

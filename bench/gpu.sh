@@ -14,7 +14,8 @@
 #    It installs what the machine lacks from wheels/ (pip --no-index), the repository itself (--no-deps), runs
 #    every section in its own process under its own time cap, and writes gpu.json, gpu.md and gpu.log to $OUT
 #    (out/gpu/ when OUT is unset). A section that fails records its error there and the next one runs.
-# 3. CPU rehearsal, tiny sizes, every section (~1.5 min of CPU time; tests/test_gpu_bench.py, so CI catches rot):
+# 3. CPU rehearsal, tiny sizes, every section (~45 s of CPU time; ~3 min wall on a busy 2-core machine), in
+#    tests/test_gpu_bench.py so CI catches rot:
 #        bash bench/gpu.sh --dry-run
 # Other arguments go to bench/gpu.py (e.g. --only train,decode). PYTHON=... picks the interpreter.
 set -uo pipefail
@@ -26,7 +27,7 @@ for a in "$@"; do
   case "$a" in
     --dry-run) MODE=dry ;;
     --wheels) MODE=wheels ;;
-    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) ARGS+=("$a") ;;
   esac
 done
