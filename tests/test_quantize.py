@@ -143,7 +143,7 @@ def test_transformers_loads_and_matches(reports, tiny_lm):
     for f in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / f).read_bytes() == (tiny_lm / f).read_bytes()
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert (cfg["quant_method"], cfg["bits"], cfg["group_size"], cfg["sym"]) == ("gptq", 4, 128, True)
+    assert (cfg["quant_method"], cfg["bits"], cfg["group_size"], cfg["sym"]) == ("gptq", 4, 128, False)
     tok = Tokenizer.from_dir(out)
     text = "ROMEO. But soft, what light through yonder window breaks?"
     assert AutoTokenizer.from_pretrained(out)(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
