@@ -312,7 +312,7 @@ def fp16_startup(sec) -> None:
     """A few hundred fp16 steps through fit() from a fresh model: DeepSpeed's dynamic loss scale starts at 2^16 and
     halves on every overflow (each such step skipped). Those skips must not count as the non-finite steps that stop
     a run after train.max_bad_steps in a row (llm.train.loop.is_bad_step): the run has to finish."""
-    from llm.cli import UserError
+    from llm.errors import UserError
     from llm.config import ModelArgs
     from llm.model import Transformer
     from llm.tasks.lm import LanguageModelTask, lm_loss
