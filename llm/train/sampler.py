@@ -115,9 +115,12 @@ def micro_batches(split: Split, state: TrainState, n: int, mb: int, collate: Cal
     per_epoch = n // mb * mb
     while True:
         order = split.epoch_indices(state.epoch, n, seed, rank, world, mb)[state.index:per_epoch]
+        # its own generator: a DataLoader's iterator draws a base seed from the global RNG, which would shift
+        # every later dropout mask of a resumed run (it starts a loader mid-epoch, the uninterrupted run does not)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(split.items, order), batch_size=mb,
                                              shuffle=False, drop_last=True, collate_fn=collate,
-                                             num_workers=num_workers, pin_memory=device.type == "cuda")
+                                             num_workers=num_workers, pin_memory=device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(seed * 1_000_003 + state.epoch))
         for batch in loader:
             state.index += mb
             yield to_device(batch, device)
