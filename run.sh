@@ -91,6 +91,7 @@ fi
 PY=.venv/bin/python
 DATA=$OUT/data; RUNS=$OUT/runs
 TOK=$DATA/tokenizer/tokenizer.model
+PRETRAIN_DATA=$DATA/pretrain; QUESTIONS=$DATA/idiom-questions.txt
 Q=${QUICK:+-quick}  # a --quick rehearsal writes its own run directories, so a full run never skips on its outputs
 BASE=$RUNS/$CONFIG$Q; SFT=$RUNS/$CONFIG$Q-sft; QUANT=$RUNS/$CONFIG$Q-sft-gptq; GGUF=$RUNS/$CONFIG$Q-sft.gguf
 TIMES=$RUNS/pipeline-times$Q.tsv
@@ -138,33 +139,45 @@ if [ -n "$PLAN" ]; then
 fi
 
 stage_setup()     { bash tools/setup_env.sh; }
-stage_tokenizer() { [ -f "$TOK" ] || "$PY" tools/train_tokenizer.py --out "$TOK" --vocab_size "$VOCAB"; }
-stage_data()      { "$PY" tools/prepare_data.py --inputs '[builtin:demo]' --tokenizer "$TOK" --out "$DATA/demo"; }
+# The tokenizer learns the pretraining text and the SFT chats' text (a 4,096-token vocabulary spells the idiom chats
+# with ~4% byte fragments when characters may take 85% of it, instead of ~37% from the pretraining text alone).
+CHAR_SHARE=$([ "$CONFIG" = cpu-demo ] && echo 0.85 || echo 0.5)
+stage_tokenizer() {
+  [ -f "$TOK" ] || "$PY" tools/train_tokenizer.py --inputs '[builtin:demo, builtin:idioms]' --char_share "$CHAR_SHARE" \
+    --out "$TOK" --vocab_size "$VOCAB"
+}
+# Pretraining text: builtin:demo and the idiom dictionary as prose (without the idioms SFT and the quiz hold out)
+stage_data() {
+  "$PY" tools/prepare_data.py --inputs '[builtin:demo, builtin:idioms-text]' --tokenizer "$TOK" --out "$PRETRAIN_DATA"
+}
 stage_pretrain() {
   [ -f "$BASE/final/config.json" ] && return 0
-  launch llm/pretrain.py --config "configs/pretrain/$CONFIG.yaml" --data "$DATA/demo" \
+  launch llm/pretrain.py --config "configs/pretrain/$CONFIG.yaml" --data "$PRETRAIN_DATA" \
     --train.run_dir "$BASE" --train.resume auto "${TRAIN_OPTS[@]}"
 }
-stage_eval() {
-  "$PY" tools/eval.py ppl --model "$BASE/final" --source builtin:demo --split val --max_tokens 60000 \
-    --json "$BASE/eval.json"
+evaluate() {  # MODEL_DIR OUT_DIR: perplexity on the pretraining val text, the held-out idiom quiz, three answers
+  "$PY" tools/eval.py ppl --model "$1" --source "$PRETRAIN_DATA" --split val --max_tokens 60000 --json "$2/eval.json"
+  "$PY" tools/eval.py mc --model "$1" --task idioms --json "$2/mc.json"
+  "$PY" tools/generate.py --model "$1" --file "$QUESTIONS" --chat true --temperature 0 --max_new_tokens 48 \
+    --json "$2/samples.json" > /dev/null
+}
+stage_eval() { questions && evaluate "$BASE/final" "$BASE"; }
+questions() {  # three idioms of the held-out quiz, asked as the SFT chats ask (held out from SFT and pretraining)
+  [ -f "$QUESTIONS" ] && return 0
+  "$PY" -c "import sys; from llm.evaluate import idioms_mc; from llm.sft_sources import idiom_question
+words = [ex.contexts[0].split('「')[1].split('」')[0] for ex in idioms_mc()[:3]]
+open(sys.argv[1], 'w', encoding='utf-8').writelines(idiom_question(w) + '\n' for w in words)" "$QUESTIONS"
 }
 stage_sft() {
   [ -f "$SFT/final/config.json" ] && return 0
   launch llm/sft.py --config configs/sft/lora-demo.yaml --model "$BASE/final" --train.run_dir "$SFT" \
     --train.resume auto "${TRAIN_OPTS[@]}"
 }
-stage_quantize() {
+stage_quantize() {  # calibrated on the SFT model's own chats (recorded in its training_data.json)
   [ -f "$QUANT/config.json" ] && return 0
-  "$PY" tools/quantize.py --model "$SFT/final" --out "$QUANT" --bits 4 --group_size 128 \
-    --calib "$DATA/demo" --n_samples 64 --seq_len 256
+  "$PY" tools/quantize.py --model "$SFT/final" --out "$QUANT" --bits 4 --group_size 128 --n_samples 64 --seq_len 256
 }
-stage_eval_quant() {  # the SFT model before and after quantization, on the same text as the base model
-  "$PY" tools/eval.py ppl --model "$SFT/final" --source builtin:demo --split val --max_tokens 60000 \
-    --json "$SFT/eval.json"
-  "$PY" tools/eval.py ppl --model "$QUANT" --source builtin:demo --split val --max_tokens 60000 \
-    --json "$QUANT/eval.json"
-}
+stage_eval_quant() { questions && evaluate "$SFT/final" "$SFT" && evaluate "$QUANT" "$QUANT"; }
 stage_gguf() { [ -f "$GGUF" ] || "$PY" tools/convert.py to_gguf --src "$SFT/final" --dst "$GGUF"; }
 stage_summary() {
   "$PY" tools/pipeline_summary.py --times "$TIMES" --base "$BASE" --sft "$SFT" --quant "$QUANT" --gguf "$GGUF" "$@"
@@ -228,7 +241,7 @@ output_of() {
   case "$TRACK:$1" in
     *:setup) echo .venv/.setup-stamp ;;
     scratch:tokenizer) echo "$TOK" ;;
-    scratch:data) echo "$DATA/demo/meta.json" ;;
+    scratch:data) echo "$PRETRAIN_DATA/meta.json" ;;
     scratch:pretrain) echo "$BASE/final/config.json" ;;
     *:sft) echo "$SFT/final/config.json" ;;
     *:quantize) echo "$QUANT/config.json" ;;

@@ -8,83 +8,11 @@ tools/generate.py --json; the answers are printed per question), for each of bas
 """
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from llm.cli import run_cli
-
-
-def _size(path: Path) -> str:
-    if not path.exists():
-        return "-"
-    n = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return f"{n / 2**20:.1f} MiB"
-
-
-def _json(path: Path):
-    """The parsed file, or None when it is missing or damaged (a damaged file shows as "?" where it is read)."""
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (ValueError, OSError):
-        return "damaged"
-
-
-def _ppl_bpb(r) -> tuple[str, str]:
-    if r is None:
-        return "-", "-"
-    try:
-        return f"{float(r['ppl']):.2f}", f"{float(r['bpb']):.3f}" if r.get("bpb") is not None else "-"
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return "?", "?"
-
-
-def _eval(path: Path) -> tuple[str, str]:
-    return _ppl_bpb(_json(path))
-
-
-def _acc(path: Path) -> str:
-    r = _json(path)
-    if r is None:
-        return "-"
-    try:
-        return f"{float(r['acc']):.1%}"
-    except (ValueError, KeyError, TypeError):
-        return "?"
-
-
-def _val_losses(metrics_csv: Path) -> list[float]:
-    if not metrics_csv.is_file():
-        return []
-    with metrics_csv.open() as f:
-        rows = [r.get("val_loss") for r in csv.DictReader(f)]
-    out = []
-    for v in rows:
-        try:
-            out.append(float(v))
-        except (TypeError, ValueError):  # no evaluation at that step, or a row cut short
-            pass
-    return out
-
-
-def _answer_loss(sft_d: Path) -> Optional[tuple[float, float]]:
-    """Held-out answer loss before and after SFT: summary.json's, else the first and last of metrics.csv."""
-    s = _json(sft_d / "summary.json")
-    try:
-        return float(s["val_loss_at_start"]), float(s["val_loss"])
-    except (KeyError, TypeError, ValueError):
-        pass
-    val = _val_losses(sft_d / "metrics.csv")
-    return (val[0], val[-1]) if len(val) >= 2 else None
-
-
-def _samples(path: Path) -> dict[str, str]:
-    r = _json(path)
-    try:
-        return {str(x["prompt"]): " ".join(str(x["completion"]).split()) for x in r}
-    except (KeyError, TypeError):
-        return {}
+from llm.run_results import acc, answer_loss, load_json, ppl_bpb, samples, size
 
 
 def summary(times: str, base: str, sft: str, quant: str, gguf: str,
@@ -107,9 +35,9 @@ def summary(times: str, base: str, sft: str, quant: str, gguf: str,
                 seconds[stage] = int(s)
     base_d, sft_d, quant_d = Path(base), Path(sft), Path(quant)
     smol = track == "smollm2"
-    evals = {"base": _json(base_d / "eval.json"), "sft": _json(sft_d / "eval.json"),
-             "quant": _json(quant_d / "eval.json")}
-    report = _json(quant_d / "report.json")
+    evals = {"base": load_json(base_d / "eval.json"), "sft": load_json(sft_d / "eval.json"),
+             "quant": load_json(quant_d / "eval.json")}
+    report = load_json(quant_d / "report.json")
     if smol and isinstance(report, dict):  # quantize.py's own fp32 vs 4-bit measurement, when no eval.json says otherwise
         evals["sft"] = evals["sft"] or report.get("original")
         evals["quant"] = evals["quant"] or report.get("quantized")
@@ -123,21 +51,25 @@ def summary(times: str, base: str, sft: str, quant: str, gguf: str,
     print(f"\n| model | path | size | val ppl{held_out} | val bits/byte |{' mc acc |' if mc else ''}")
     print(f"|---|---|---|---|---|{'---|' if mc else ''}")
     for name, path, key, d in rows:
-        ppl, bpb = _ppl_bpb(evals[key]) if key else ("-", "-")
-        extra = f" {_acc(d / 'mc.json') if d is not None else '-'} |" if mc else ""
-        print(f"| {name} | {path} | {_size(path)} | {ppl} | {bpb} |{extra}")
+        ppl, bpb = ppl_bpb(evals[key]) if key else ("-", "-")
+        extra = f" {acc(d / 'mc.json') if d is not None else '-'} |" if mc else ""
+        print(f"| {name} | {path} | {size(path)} | {ppl} | {bpb} |{extra}")
     try:
         change = float(evals["quant"]["ppl"]) / float(evals["sft"]["ppl"]) - 1
         print(f"\n4-bit vs fp32 perplexity: {float(evals['sft']['ppl']):.2f} → {float(evals['quant']['ppl']):.2f} "
               f"({change:+.1%})")
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         pass
-    loss = _answer_loss(sft_d)
+    loss = answer_loss(sft_d)
     if loss:
-        note = "" if smol else ("; the ppl above is on the pretraining text, which the SFT model has partly traded "
-                                "for the chat task")
-        print(f"\nSFT held-out answer loss: {loss[0]:.3f} before → {loss[1]:.3f} after{note}")
-    answers = [(label, _samples(d / "samples.json")) for label, d in
+        print(f"\nSFT held-out answer loss: {loss[0]:.3f} before → {loss[1]:.3f} after")
+    try:  # what SFT costs the pretraining text (scratch: replay keeps it; the same val text for both)
+        if not smol:
+            ratio = float(evals["sft"]["ppl"]) / float(evals["base"]["ppl"])
+            print(f"SFT model's perplexity on the pretraining val text: {ratio:.2f}x the pretrained model's")
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        pass
+    answers = [(label, samples(d / "samples.json")) for label, d in
                (("base", base_d), ("SFT", sft_d), ("4-bit", quant_d))]
     questions = list(dict.fromkeys(q for _, a in answers for q in a))
     if questions:
