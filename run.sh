@@ -252,10 +252,10 @@ output_of() {
   esac
 }
 drop_output() {  # --from/--only redo a stage: drop its output first so the skip check does not fire
-  case "$TRACK:$1" in
+  case "$TRACK:$1" in  # a training stage drops its whole run directory (else --train.resume auto resumes the end)
     scratch:tokenizer) rm -f "$TOK" ;;
-    scratch:pretrain) rm -rf "$BASE/final" ;;
-    *:sft) rm -rf "$SFT/final" ;;
+    scratch:pretrain) rm -rf "$BASE" ;;
+    *:sft) rm -rf "$SFT" ;;
     *:quantize) rm -rf "$QUANT" ;;
     *:gguf) rm -f "$GGUF" ;;
     smollm2:convert) rm -rf "$BASE" ;;

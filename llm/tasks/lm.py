@@ -144,7 +144,7 @@ def chat_splits(data: str, val_data: Optional[str], tokenizer, seq_len: int, pac
     prompts = [render([m for m in c if m["role"] != "assistant"][:1], add_generation_prompt=True) for c in first]
 
     def split(ds):
-        return Split(ds, lengths=None if pack else ds.lengths) if ds is not None else None
+        return Split(ds, lengths=None if pack else ds.lengths, seq_len=seq_len) if ds is not None else None
 
     return split(train_ds), split(val_ds), SFTCollator(tokenizer.pad_or_eos, seq_len, packed=pack), prompts
 
