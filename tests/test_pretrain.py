@@ -568,3 +568,34 @@ def test_global_batch_derives_micro_batch_once_and_impossible_one_fails_on_rank_
             preflight(cfg, world_size=8)
         assert e.value.code == 2 and capsys.readouterr() == ("", "")
         monkeypatch.setenv("RANK", "0")
+
+
+def test_resume_refuses_another_batch_geometry_and_summary_keeps_what_it_had(tmp_path, monkeypatch):
+    """The saved data position counts examples of one length in steps of one global batch: resuming with another
+    global batch or sequence length (or, for length-bucketed data, micro batch) is one clear error; re-running a
+    finished run merges its summary.json instead of replacing it with less."""
+    from llm.train.checkpoint import check_resumable
+    from llm.train.loop import _write_summary
+    from llm.train.plan import preflight
+
+    monkeypatch.delenv("RANK", raising=False)
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"), micro_batch_size=4, global_batch_size=16)
+    plan = preflight(cfg, world_size=1)
+    meta = {"world_size": 1, "zero_stage": plan.zero_stage, "global_batch_size": 16, "seq_len": 128,
+            "micro_batch_size": 4, "model_config": {"hidden_size": 64}}
+    record = {"model_config": {"hidden_size": 64}}
+    check_resumable(meta, tmp_path, plan, 128, record, bucketed=True)  # the same geometry resumes
+    with pytest.raises(UserError, match=r"another batch geometry \(seq_len 128 -> 256\)"):
+        check_resumable(meta, tmp_path, plan, 256, record, bucketed=False)
+    with pytest.raises(UserError, match=r"global_batch_size 32 -> 16"):
+        check_resumable({**meta, "global_batch_size": 32}, tmp_path, plan, 128, record, bucketed=False)
+    check_resumable({**meta, "micro_batch_size": 8}, tmp_path, plan, 128, record, bucketed=False)  # windows: same order
+    with pytest.raises(UserError, match=r"micro_batch_size 8 -> 4"):
+        check_resumable({**meta, "micro_batch_size": 8}, tmp_path, plan, 128, record, bucketed=True)
+    with pytest.raises(UserError, match="model differs in hidden_size"):
+        check_resumable(meta, tmp_path, plan, 128, {"model_config": {"hidden_size": 32}}, bucketed=False)
+
+    summary = tmp_path / "summary.json"
+    _write_summary(summary, {"val_loss": 4.2, "step": 300, "final": "f"})
+    _write_summary(summary, {"step": 300, "stopped": False})  # a re-run: no step trained, nothing evaluated
+    assert json.loads(summary.read_text()) == {"val_loss": 4.2, "step": 300, "final": "f", "stopped": False}
