@@ -50,6 +50,17 @@ def check_settings(temperature: float = 0.0, top_k: Optional[int] = None, top_p:
                         f"(prompt included) — use at most {context}")
 
 
+def load_for_decoding(model: str, dtype: torch.dtype, device: str, **settings):
+    """(model, tokenizer) of the directory `model`, after `check_settings(**settings)` against its context (and a
+    clear error for a directory that is not a model) — before any weight is loaded."""
+    from llm.hf_format import load_model, read_config
+    from llm.tokenizer import Tokenizer
+
+    check_settings(**settings, context=read_config(model)[0].max_seq_len)
+    tokenizer = Tokenizer.from_dir(model)
+    return load_model(model, dtype=dtype, device=device), tokenizer
+
+
 def process_logits(logits: torch.Tensor, history: torch.Tensor, temperature: float = 1.0,
                    top_k: Optional[int] = None, top_p: Optional[float] = None,
                    repetition_penalty: float = 1.0) -> torch.Tensor:

@@ -201,19 +201,12 @@ def _building(out_dir: Path, used: list, overwrite: bool) -> Iterator[Path]:
     from llm import writer
 
     _remove_dead_builds(out_dir)
-    tmp = writer.temp_dir(out_dir)
-    (tmp / ".owner_pid").write_text(str(os.getpid()))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the data dir is an ordinary directory
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        yield tmp
-        (tmp / ".owner_pid").unlink()
-        writer.commit_dir(tmp, out_dir, "data", used, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with writer.write_dir(out_dir, "data", used, overwrite) as tmp:
+            (tmp / ".owner_pid").write_text(str(os.getpid()))  # a build whose process died is removed later
+            yield tmp
+            (tmp / ".owner_pid").unlink()
     finally:
         signal.signal(signal.SIGTERM, old_term)
 

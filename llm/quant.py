@@ -214,21 +214,17 @@ def quantize(model_dir: str | os.PathLike, out: str | os.PathLike, samples: Opti
     else:
         qkw.update(desc_act=desc_act, damp_percent=damp_percent)
     writer.check_dir(out, "gptq", [model_dir], overwrite=True)  # before the work: never a folder not ours
-    tmp = writer.temp_dir(out)
     # GPTQModel parks finished layers on disk; our own temp dir, so that an interrupted run leaves nothing behind
     qkw["offload_to_disk_path"] = offload = tempfile.mkdtemp(prefix="gptq-offload-")
     try:
-        # fp32 on CPU: GPTQModel would pick bf16 there, which costs accuracy in the Hessian's inputs
-        model = GPTQModel.load(str(model_dir), QuantizeConfig(**qkw),
-                               **({"dtype": torch.float32} if device == "cpu" else {}))
-        calib = None if method == "rtn" else [{"input_ids": s, "attention_mask": [1] * len(s)} for s in samples]
-        model.quantize(calib, batch_size=1)
-        model.save(str(tmp))
-        _finish_dir(model_dir, tmp, save_dtype)
-        writer.commit_dir(tmp, out, "gptq", [model_dir], overwrite=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with writer.write_dir(out, "gptq", [model_dir], overwrite=True) as tmp:
+            # fp32 on CPU: GPTQModel would pick bf16 there, which costs accuracy in the Hessian's inputs
+            model = GPTQModel.load(str(model_dir), QuantizeConfig(**qkw),
+                                   **({"dtype": torch.float32} if device == "cpu" else {}))
+            calib = None if method == "rtn" else [{"input_ids": s, "attention_mask": [1] * len(s)} for s in samples]
+            model.quantize(calib, batch_size=1)
+            model.save(str(tmp))
+            _finish_dir(model_dir, tmp, save_dtype)
     finally:
         shutil.rmtree(offload, ignore_errors=True)
     return out

@@ -18,9 +18,7 @@ import torch
 
 from llm.chat import tokenize_chat
 from llm.cli import run_cli
-from llm.generate import TextStream, check_settings, generate
-from llm.hf_format import load_model, read_config
-from llm.tokenizer import Tokenizer
+from llm.generate import TextStream, generate, load_for_decoding
 
 
 def chat(model: str, system: Optional[str] = None, max_new_tokens: int = 256, temperature: float = 0.7,
@@ -42,10 +40,10 @@ def chat(model: str, system: Optional[str] = None, max_new_tokens: int = 256, te
         device: auto (the GPU when torch can use one, else the CPU), cpu, or cuda[:N].
         dtype: weight dtype.
     """
-    context = read_config(model)[0].max_seq_len  # a clear error for a directory that is not a model, first
-    check_settings(temperature, top_k, top_p, repetition_penalty, max_new_tokens, context)
-    tokenizer = Tokenizer.from_dir(model)
-    net = load_model(model, dtype=getattr(torch, dtype), device=device)
+    net, tokenizer = load_for_decoding(model, getattr(torch, dtype), device, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, repetition_penalty=repetition_penalty,
+                                       max_new_tokens=max_new_tokens)
+    context = net.args.max_seq_len
     interactive = sys.stdin.isatty()
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)

@@ -22,9 +22,7 @@ import torch
 
 from llm.chat import tokenize_chat
 from llm.cli import UserError, run_cli
-from llm.generate import TextStream, check_settings, generate
-from llm.hf_format import load_model, read_config
-from llm.tokenizer import Tokenizer
+from llm.generate import TextStream, generate, load_for_decoding
 
 
 def main(model: str, prompt: Optional[str] = None, file: Optional[str] = None, max_new_tokens: int = 128,
@@ -68,10 +66,10 @@ def main(model: str, prompt: Optional[str] = None, file: Optional[str] = None, m
         raise UserError("no prompt — give --prompt TEXT or --file PROMPTS.txt")
     if stop is not None and "" in stop:
         raise UserError("--stop+ '': an empty stop string would end every completion before it starts — remove it")
-    context = read_config(model)[0].max_seq_len  # a clear error for a directory that is not a model, first
-    check_settings(temperature, top_k, top_p, repetition_penalty, max_new_tokens, context)
-    tokenizer = Tokenizer.from_dir(model)
-    net = load_model(model, dtype=getattr(torch, dtype), device=device)
+    net, tokenizer = load_for_decoding(model, getattr(torch, dtype), device, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, repetition_penalty=repetition_penalty,
+                                       max_new_tokens=max_new_tokens)
+    context = net.args.max_seq_len
     if chat:
         system_msg = [{"role": "system", "content": system}] if system else []
         ids = [tokenize_chat(tokenizer, system_msg + [{"role": "user", "content": p}], add_generation_prompt=True)[0]
