@@ -349,7 +349,7 @@ def fp16_startup(sec) -> None:
 
     scales, losses = [], []
     torch.manual_seed(0)
-    task = Recorded(Transformer(args), Split(Windows(data)), None)
+    task = Recorded(Transformer(args), Split(Windows(data), seq_len=seq), None)
     try:
         with sec.guard("run"), fp16_on_cpu(sec.dry), captured_log() as lines:
             aborted = None
@@ -418,7 +418,8 @@ def zero3_samples(sec) -> None:
         with sec.guard("zero3"):
             plan = preflight(cfg)
             model = partitioned_transformer(args, plan.ds_config, cfg.seed)  # as llm/pretrain.py under ZeRO-3
-            task = Timed(model, Split(Windows(windows(train_ids, seq))), Split(Windows(windows(val_ids, seq))),
+            task = Timed(model, Split(Windows(windows(train_ids, seq)), seq_len=seq),
+                         Split(Windows(windows(val_ids, seq)), seq_len=seq),
                          tokenizer=tok)
             t = time.perf_counter()
             summary = fit(task, cfg)

@@ -91,8 +91,8 @@ def main(model: str, data: str = "builtin:sentiment",
     val_ds = ClassifyDataset.from_tokenized(val_src, val_idx, seq_len, tokenizer.eos_id)
     backbone = load_model(model)
     backbone.gradient_checkpointing = train.activation_checkpointing
-    task = ClassifyTask(backbone, num_labels, Split(train_ds, lengths=train_ds.lengths),
-                        Split(val_ds, lengths=val_ds.lengths), tokenizer.pad_or_eos, tokenizer, freeze_backbone,
+    task = ClassifyTask(backbone, num_labels, Split(train_ds, lengths=train_ds.lengths, seq_len=seq_len),
+                        Split(val_ds, lengths=val_ds.lengths, seq_len=seq_len), tokenizer.pad_or_eos, tokenizer, freeze_backbone,
                         lora_config if lora else None, str(Path(model).resolve()), id2label, train.seed)
     summary = fit(task, train)
     if not dist.is_main() or "final" not in summary:

@@ -184,7 +184,8 @@ for stage in (0, 1):  # ZeRO-0 fp32: the trainer's own non-finite check; ZeRO-1:
     cfg = TrainConfig(run_dir=f"{base}/zero{stage}", ds_config=f"zero{stage}", precision="fp32", micro_batch_size=4,
                       lr=3e-3, min_lr=3e-4, warmup_steps=1, max_steps=6, log_every=1, eval_every=100, save_every=1,
                       keep_checkpoints=10)
-    fit(NaNAtOneStep(model, Split(ds, sharded=True), Split(PretrainDataset(data, "val", 32), sharded=True)), cfg)
+    fit(NaNAtOneStep(model, Split(ds, sharded=True, seq_len=32),
+                           Split(PretrainDataset(data, "val", 32), sharded=True, seq_len=32)), cfg)
 '''
 
 

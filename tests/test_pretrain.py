@@ -85,7 +85,7 @@ def nan_run(job):
     cfg = TrainConfig(run_dir=job["run_dir"], ds_config=job["ds_config"], precision="fp32", micro_batch_size=2,
                       lr=3e-3, min_lr=3e-4, warmup_steps=1, max_steps=10, log_every=1, eval_every=100,
                       save_every=2, keep_checkpoints=10, max_bad_steps=3)
-    fit(NaNOnSomeSteps(model, Split(ds, sharded=True), None), cfg)
+    fit(NaNOnSomeSteps(model, Split(ds, sharded=True, seq_len=32), None), cfg)
 
 jobs_file, results_file = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
 results = []

@@ -71,7 +71,7 @@ def fit(task: Task, cfg: TrainConfig) -> dict:
     is_main = rank == 0
     log = dist.log
     model, split = task.model, task.train_split
-    seq_len = split.seq_len or getattr(getattr(model, "args", None), "max_seq_len", 0)
+    seq_len = split.seq_len or 0
 
     resume_tag, resume_meta = _resume_point(cfg, log)
     record = task.record()

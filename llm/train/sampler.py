@@ -46,7 +46,8 @@ class Split:
     bytes_per_token: Optional[float] = None
     """UTF-8 bytes per token of the text, for bits per byte (None: not reported)."""
     seq_len: Optional[int] = None
-    """Tokens per item when every item has the same length (throughput and MFU); None = the model's context."""
+    """Tokens per item (at most): the start line's tokens/step, MFU's attention term, compile=auto's estimate of the
+    work left, and the batch geometry a checkpoint must be resumed with."""
     replay: Optional[Replay] = None
     """Another dataset interleaved at a share of the positions; its items are indexed after `dataset`'s."""
 
