@@ -26,6 +26,10 @@ usage() {
 }
 FROM=""; ONLY=""; CONFIG=""; OUT="."; GPUS=""; PLAN=""; PRECISION=auto; TRACK=scratch; QUICK=""
 while [ $# -gt 0 ]; do
+  case "$1" in  # a flag that takes a value must have one
+    --from|--only|--config|--out|--gpus|--precision)
+      [ $# -gt 1 ] && [ -n "$2" ] || { echo "error: $1 needs a value" >&2; usage >&2; exit 2; } ;;
+  esac
   case "$1" in
     --from) FROM=$2; shift 2 ;;
     --only) ONLY=$2; shift 2 ;;

@@ -75,7 +75,8 @@ def test_run_sh_base_track():
     for args, msg in ((["--base", "llama"], "--base 'llama': use scratch"), (["--base"], "--base '': use scratch"),
                       (["--base", "smollm2", "--only", "pretrain"], "unknown stage 'pretrain' for --base smollm2"),
                       (["--from", "convert"], "unknown stage 'convert' for --base scratch"),
-                      (["--base", "smollm2", "--config", "25M"], "--config names a pretraining config")):
+                      (["--base", "smollm2", "--config", "25M"], "--config names a pretraining config"),
+                      (["--from"], "--from needs a value"), (["--out", ""], "--out needs a value")):
         r = run_sh("--print-plan", *args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and msg in r.stderr, (args, r.stderr)
     plan = dict(line.split(": ", 1) for line in run_sh("--base", "smollm2", "--print-plan").stdout.splitlines())
