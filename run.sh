@@ -28,7 +28,7 @@ FROM=""; ONLY=""; CONFIG=""; OUT="."; GPUS=""; PLAN=""; PRECISION=auto; TRACK=sc
 while [ $# -gt 0 ]; do
   case "$1" in  # a flag that takes a value must have one
     --from|--only|--config|--out|--gpus|--precision)
-      [ $# -gt 1 ] && [ -n "$2" ] || { echo "error: $1 needs a value" >&2; usage >&2; exit 2; } ;;
+      [ $# -gt 1 ] && [ -n "$2" ] || { echo "error: $1 needs a value (bash run.sh --help)" >&2; exit 2; } ;;
   esac
   case "$1" in
     --from) FROM=$2; shift 2 ;;
