@@ -52,12 +52,11 @@ def run_cli(component: Callable | dict[str, Callable], args: list[str] | None = 
     from jsonargparse import CLI
 
     from llm.settings_check import check_args, schema_of
+    from llm.train.dist import is_main, quiet_cpu_accelerator
 
     args = strip_local_rank(sys.argv[1:] if args is None else args)
     quiet_cpu_accelerator()
     default_config = default_config or getattr(component, "default_config", None)
-    from llm.train.dist import is_main
-
     once = is_main()  # every rank runs the same command on the same input: one of them says what is wrong
     try:
         check_args(schema_of(component), args)  # YAML and option mistakes: one line naming file, line and key
@@ -81,24 +80,6 @@ def run_cli(component: Callable | dict[str, Callable], args: list[str] | None = 
         if once:
             print(f"error: {os_error_message(e)}", file=sys.stderr)
         sys.exit(2)
-
-
-def quiet_cpu_accelerator():
-    """Where DeepSpeed would fall back to the CPU anyway (no CUDA, XPU or MPS device, no other accelerator's
-    package), say so with DS_ACCELERATOR=cpu: its auto-detection would print a warning line before any output
-    (also before a one-line error). The torch checks do not initialize CUDA (device_count asks NVML)."""
-    import importlib.util
-
-    import torch
-
-    if "DS_ACCELERATOR" in os.environ or torch.cuda.device_count() > 0:
-        return
-    if (hasattr(torch, "xpu") and torch.xpu.is_available()) or torch.backends.mps.is_available():
-        return
-    others = ("torch_npu", "torch_sdaa", "habana_frameworks", "torch_mlu", "torch_supa", "torch_xmlir")
-    if any(importlib.util.find_spec(name) is not None for name in others):
-        return
-    os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 OS_ERROR_FIX = {PermissionError: "check its permissions, or choose a path you can write to",

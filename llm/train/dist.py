@@ -46,8 +46,25 @@ def log(*args, **kwargs):
         print(*args, **kwargs)
 
 
+def quiet_cpu_accelerator():
+    """Where DeepSpeed would fall back to the CPU anyway (no CUDA, XPU or MPS device, no other accelerator's
+    package), say so with DS_ACCELERATOR=cpu: its auto-detection would print a warning line before any output
+    (also before a one-line error). The torch checks do not initialize CUDA (device_count asks NVML)."""
+    import importlib.util
+
+    if "DS_ACCELERATOR" in os.environ or torch.cuda.device_count() > 0:
+        return
+    if (hasattr(torch, "xpu") and torch.xpu.is_available()) or torch.backends.mps.is_available():
+        return
+    others = ("torch_npu", "torch_sdaa", "habana_frameworks", "torch_mlu", "torch_supa", "torch_xmlir")
+    if any(importlib.util.find_spec(name) is not None for name in others):
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def on_cpu() -> bool:
     """Whether DeepSpeed's accelerator is the CPU (no usable GPU)."""
+    quiet_cpu_accelerator()
     from deepspeed.accelerator import get_accelerator
 
     return get_accelerator().device_name() == "cpu"
@@ -85,6 +102,7 @@ def check_accelerator():
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device); gloo on CPU, the accelerator's backend (nccl) otherwise. A plain `python`
     start (no launcher) becomes a world of one. Stops first when GPUs are visible but unusable (check_accelerator)."""
+    quiet_cpu_accelerator()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
