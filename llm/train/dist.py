@@ -16,9 +16,10 @@ from llm.errors import UserError
 
 
 def rank() -> int:
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    """This process's rank: the launcher's RANK (init_distributed sets it for a plain start), else the group's."""
+    if "RANK" in os.environ or not torch.distributed.is_initialized():
+        return int(os.environ.get("RANK", "0"))
+    return torch.distributed.get_rank()
 
 
 def world_size() -> int:
