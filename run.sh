@@ -255,14 +255,21 @@ output_of() {
     smollm2:samples) echo "$QUANT/samples.json" ;;
   esac
 }
+drop_dir() {  # a folder the toolkit made (its .llm-owner.json marker): never one a user made or put there
+  [ -e "$1" ] || return 0
+  [ -f "$1/.llm-owner.json" ] || {
+    echo "error: $1 was not made by this toolkit (no .llm-owner.json), so run.sh will not delete it to redo the" \
+      "stage: move it away, or pick another --out" >&2; exit 2; }
+  rm -rf "$1"
+}
 drop_output() {  # --from/--only redo a stage: drop its output first so the skip check does not fire
   case "$TRACK:$1" in  # a training stage drops its whole run directory (else --train.resume auto resumes the end)
     scratch:tokenizer) rm -f "$TOK" ;;
-    scratch:pretrain) rm -rf "$BASE" ;;
-    *:sft) rm -rf "$SFT" ;;
-    *:quantize) rm -rf "$QUANT" ;;
+    scratch:pretrain) drop_dir "$BASE" ;;
+    *:sft) drop_dir "$SFT" ;;
+    *:quantize) drop_dir "$QUANT" ;;
     *:gguf) rm -f "$GGUF" ;;
-    smollm2:convert) rm -rf "$BASE" ;;
+    smollm2:convert) drop_dir "$BASE" ;;
     smollm2:data) rm -f "$CHATS" "$QUESTIONS" ;;
     smollm2:samples) rm -f "$BASE/samples.json" "$SFT/samples.json" "$QUANT/samples.json" ;;
   esac

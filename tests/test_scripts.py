@@ -101,3 +101,13 @@ def test_run_sh_times_only_stages_that_did_work(tmp_path):
     assert [line.split("\t")[0] for line in lines] == ["setup", "data", "data"]
     questions = (tmp_path / "data" / "smollm2-questions.txt").read_text().splitlines()
     assert len(questions) == 3 and (tmp_path / "data" / "chatterbot-en.jsonl").stat().st_size > 100_000
+
+
+def test_run_sh_redo_keeps_a_folder_it_did_not_make(tmp_path):
+    """--only/--from drop a stage's run directory only when the toolkit made it (its .llm-owner.json marker)."""
+    mine = tmp_path / "runs" / "smollm2" / "sft"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes")
+    r = run_sh("--base", "smollm2", "--only", "sft", "--out", str(tmp_path))
+    assert r.returncode == 2 and "was not made by this toolkit" in r.stderr and str(mine) in r.stderr, r.stderr
+    assert (mine / "notes.txt").read_text() == "my notes"
