@@ -18,7 +18,8 @@ from typing import Optional
 import numpy as np
 
 from llm import writer
-from llm.cli import UserError, defaults_from, run_cli
+from llm.cli import defaults_from, run_cli
+from llm.errors import UserError
 from llm.tasks.lora import LoraOptions
 from llm.train import Split, TrainConfig, dist, fit, preflight
 

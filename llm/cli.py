@@ -2,7 +2,7 @@
 
 Every CLI of the toolkit goes through `run_cli`: `--config FILE.yaml`, `--print_config` and `--help` from the
 signature and docstrings; DeepSpeed's `--local_rank=N` accepted; a `UserError`, a mistake in a YAML or an option
-(`llm.config.check_args`: file, line and key, the closest valid key, types and signs checked before any use), or an
+(`llm.settings_check.check_args`: file, line and key, the closest valid key, types and signs checked before any use), or an
 OSError about a path the user gave (no permission, a folder where a file is expected, ...), printed as one line
 without the usage, exit 2.
 """
@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from llm.errors import UserError  # the CLIs' error type (imported from here by the modules that raise it)
+from llm.errors import UserError
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:

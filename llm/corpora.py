@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.data_rules import is_held_out, package_dir
 
 BUILTINS = ("shakespeare", "renmin", "poems", "demo", "reviews", "idioms-text")

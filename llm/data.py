@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from llm.cli import UserError
+from llm.errors import UserError
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 META = "meta.json"

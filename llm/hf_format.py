@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llm import writer
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.config import ModelArgs
 from llm.model import Transformer
 

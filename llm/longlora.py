@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.config import RopeScaling
 from llm.model import Transformer, repeat_kv, sdpa
 

@@ -26,7 +26,7 @@ from typing import Iterator, Literal, Optional, Union
 
 import numpy as np
 
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.corpora import Chunk, expand_inputs, iter_documents, parse_chunk, read_chunks
 from llm.data_rules import HELD_OUT_RULE, is_held_out
 from llm.data import DTYPES, META, dtype_for_vocab, read_meta

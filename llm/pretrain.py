@@ -25,7 +25,8 @@ from typing import Any, Optional
 
 import yaml
 
-from llm.cli import UserError, defaults_from, run_cli
+from llm.cli import defaults_from, run_cli
+from llm.errors import UserError
 from llm.config import ModelArgs
 from llm.train import TrainConfig, dist, fit, preflight
 

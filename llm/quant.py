@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.config import ModelArgs
 from llm import writer
 from llm.gptq_format import SUPPORTED_BITS

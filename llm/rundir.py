@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from llm import writer
-from llm.cli import UserError
+from llm.errors import UserError
 
 LOCK = ".llm-run.lock"
 

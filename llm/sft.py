@@ -19,7 +19,8 @@ import json
 from pathlib import Path
 from typing import Literal, Optional
 
-from llm.cli import UserError, defaults_from, run_cli
+from llm.cli import defaults_from, run_cli
+from llm.errors import UserError
 from llm.tasks.lora import LongLoraOptions, LoraOptions
 from llm.train import TrainConfig, dist, fit, preflight
 

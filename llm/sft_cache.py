@@ -29,7 +29,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from llm.chat import IGNORE_INDEX, render, tokenize_chat
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.data_rules import SPLIT_BUCKETS, package_dir, split_bucket
 from llm.sft_sources import (BUILTIN_PACKAGES, CHAT_BUILTINS, Chat, iter_chats, iter_labelled, label_error,
                              no_data_file, record_to_chat)

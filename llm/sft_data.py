@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from llm.chat import IGNORE_INDEX
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.sft_cache import TokenizedSource, fragments_in_spans, write_chats, write_labelled
 from llm.sft_sources import Chat
 

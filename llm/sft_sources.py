@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.data_rules import is_held_out, package_dir
 
 Chat = list[dict]  # [{"role": ..., "content": ...}, ...]

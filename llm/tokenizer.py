@@ -23,7 +23,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Optional
 
-from llm.cli import UserError
+from llm.errors import UserError
 
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 REPLACEMENT = "\ufffd"  # what decoding renders an incomplete or invalid UTF-8 byte sequence as

@@ -20,7 +20,7 @@ from typing import Optional, Union
 import numpy as np
 
 from llm import writer
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.config import ModelArgs
 from llm.corpora import expand_inputs, iter_documents
 from llm.sft_sources import CHAT_BUILTINS, load_chats

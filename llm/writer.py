@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from llm.cli import UserError
+from llm.errors import UserError
 
 MARKER = ".llm-owner.json"
 KINDS = ("model", "data", "adapter", "gptq", "tokenizer", "run")

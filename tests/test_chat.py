@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llm.chat import IGNORE_INDEX, render, tokenize_chat
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

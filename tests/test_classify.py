@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.sft_sources import load_labelled
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from llm.cli import UserError, run_cli
+from llm.cli import run_cli
+from llm.errors import UserError
 from llm.corpora import Chunk, iter_documents, parse_chunk, read_chunks
 from llm.data_rules import HELD_OUT_RULE, is_held_out
 from llm.data import PretrainDataset, check_tokenizer, read_meta, split_tokens

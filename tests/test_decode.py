@@ -78,7 +78,7 @@ def test_tokenizer_folder(sp_dir, tmp_path):
     only_json.mkdir()
     (only_json / "tokenizer.json").write_bytes((sp_dir / "tokenizer.json").read_bytes())
     assert Tokenizer.from_file(only_json).path.endswith("tokenizer.json")
-    from llm.cli import UserError
+    from llm.errors import UserError
 
     with pytest.raises(UserError, match="no tokenizer.model or tokenizer.json"):
         Tokenizer(tmp_path)

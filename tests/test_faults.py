@@ -237,7 +237,7 @@ def test_sigkill_while_preparing_data_leaves_nothing_valid_and_rerun_completes(d
     r = subprocess.run(pretrain_cmd(out, tmp_path / "run"), env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert f"{out / 'meta.json'}: not found" in r.stderr or "not complete" in r.stderr, r.stderr
-    from llm.cli import UserError
+    from llm.errors import UserError
     from llm.data import read_meta
 
     with pytest.raises(UserError, match="not complete"):

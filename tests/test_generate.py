@@ -4,7 +4,7 @@ processors, top-k=1 == greedy, seeds, stop ids / strings, streaming, bad prompts
 import pytest
 import torch
 
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.config import ModelArgs
 from llm.generate import TextStream, generate, process_logits
 from llm.hf_format import load_model, save_model

@@ -85,7 +85,7 @@ def test_visible_gpus_with_a_cpu_torch_stop_the_run_in_one_line(tmp_path, monkey
     CPU, so init_distributed stops before joining any process group; LLM_ALLOW_CPU=1 lets it go on."""
     import torch
 
-    from llm.cli import UserError
+    from llm.errors import UserError
     from llm.train.dist import check_accelerator, init_distributed, on_cpu, visible_gpus
 
     assert on_cpu() and torch.version.cuda is None  # this machine: the CPU wheel

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from llm import ModelArgs, RopeScaling, Transformer, load_model, save_model
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.gguf import gguf_to_hf, hf_to_gguf
 
 torch.set_num_threads(2)

@@ -102,7 +102,7 @@ def test_tokenizer_trained_as_run_sh_covers_the_sft_chats(tmp_path):
 
 
 def test_chat_builtins_are_tokenizer_inputs_not_corpora():
-    from llm.cli import UserError
+    from llm.errors import UserError
     from llm.tokenizer_train import expand_text_inputs, input_documents
 
     assert expand_text_inputs(["builtin:demo", "builtin:idioms"]) == ["builtin:demo", "builtin:idioms"]

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llm import ModelArgs, Transformer
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.longlora import enable_s2_attn, extend_context, s2_attention
 
 

@@ -22,7 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm.cli import UserError, run_cli
+from llm.cli import run_cli
+from llm.errors import UserError
 from llm.corpora import iter_documents
 from llm.hf_format import from_deepspeed as ds_to_hf
 from llm.pretrain import main as pretrain
@@ -63,7 +64,8 @@ DRIVER = r'''
 import json, os, shutil, sys, traceback
 from pathlib import Path
 import torch
-from llm.cli import UserError, run_cli
+from llm.cli import run_cli
+from llm.errors import UserError
 from llm.pretrain import main as pretrain
 
 def nan_run(job):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.config import ModelArgs
 from llm.hf_format import load_model, save_model
 from llm.gptq_format import dequantize, unpack

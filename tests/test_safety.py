@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from llm import writer
-from llm.cli import UserError, run_cli
+from llm.cli import run_cli
+from llm.errors import UserError
 from llm.corpora import iter_documents
 from llm.rundir import LOCK, RunLock
 

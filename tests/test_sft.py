@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_model
 from llm.chat import IGNORE_INDEX
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.sft_data import SFTCollator, SFTDataset
 from llm.sft_sources import load_chats
 

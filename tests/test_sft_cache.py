@@ -11,7 +11,7 @@ import pytest
 
 import llm.sft_cache as sft_cache
 from llm.chat import IGNORE_INDEX, tokenize_chat
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.sft_cache import tokenized_chats, tokenized_labelled
 from llm.sft_data import ClassifyDataset, SFTDataset
 from llm.sft_sources import load_chats, load_labelled

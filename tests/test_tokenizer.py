@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from llm import tokenizer_train
-from llm.cli import UserError, run_cli
+from llm.cli import run_cli
+from llm.errors import UserError
 from llm.corpora import iter_documents
 from llm.tokenizer import Tokenizer
 

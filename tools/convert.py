@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from llm import writer
-from llm.cli import UserError, run_cli
+from llm.cli import run_cli
+from llm.errors import UserError
 
 
 def from_gguf(src: str, dst: str, dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,

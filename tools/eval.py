@@ -19,7 +19,8 @@ from typing import Literal, Optional
 import torch
 
 from llm import evaluate as ev
-from llm.cli import UserError, run_cli
+from llm.cli import run_cli
+from llm.errors import UserError
 from llm import writer
 from llm.hf_format import load_model, load_tokenizer, read_config
 

@@ -21,7 +21,8 @@ from typing import Literal, Optional, Union
 import torch
 
 from llm.chat import tokenize_chat
-from llm.cli import UserError, run_cli
+from llm.cli import run_cli
+from llm.errors import UserError
 from llm.generate import TextStream, generate, load_for_decoding
 
 

@@ -26,7 +26,8 @@ from typing import Literal, Optional
 
 import torch
 
-from llm.cli import UserError, run_cli
+from llm.cli import run_cli
+from llm.errors import UserError
 from llm import writer
 from llm.quant import (calibration_samples, check_shapes, check_source, default_calibration, dir_size,
                        fitting_group_size, is_chat_source, newest_run_model, print_table, quality, quantize,

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.hf_format import load_state_dict, materialize, read_config, save_model
 from llm.model import Transformer
 from llm.tasks.lora import LoraOptions, add_lora

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.model import Transformer
 from llm.hf_format import TRAINING_DATA_FILE
 from llm.train import Split, Task, TrainConfig, dist

@@ -12,7 +12,7 @@ from typing import Literal, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.hf_format import load_model, load_tokenizer, materialize, save_model
 from llm.longlora import disable_s2_attn, longlora_trainable
 from llm.model import Transformer

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.config import ModelArgs
 from llm.model import Transformer
 from llm.train import dist

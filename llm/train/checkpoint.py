@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from llm import writer
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.train.config import TrainConfig, TrainState
 
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from llm import writer
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.compile import TRAIN_COMPILE_MIN_TOKENS, resolve as resolve_compile
 from llm.rundir import holds_run_lock
 from llm.train import dist

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from llm.cli import UserError
+from llm.errors import UserError
 from llm.train import dist
 from llm.train.config import TrainConfig
 from llm.train.dist import on_cpu
