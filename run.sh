@@ -94,8 +94,7 @@ fi
 
 PY=.venv/bin/python
 DATA=$OUT/data; RUNS=$OUT/runs
-TOK=$DATA/tokenizer/tokenizer.model
-PRETRAIN_DATA=$DATA/pretrain; QUESTIONS=$DATA/idiom-questions.txt
+QUESTIONS=$DATA/idiom-questions.txt
 Q=${QUICK:+-quick}  # a --quick rehearsal writes its own run directories, so a full run never skips on its outputs
 BASE=$RUNS/$CONFIG$Q; SFT=$RUNS/$CONFIG$Q-sft; QUANT=$RUNS/$CONFIG$Q-sft-gptq; GGUF=$RUNS/$CONFIG$Q-sft.gguf
 TIMES=$RUNS/pipeline-times$Q.tsv
@@ -104,7 +103,7 @@ if [ "$TRACK" = smollm2 ]; then
   # final/ = merged), sft-gptq/ (4-bit, report.json = fp32 vs 4-bit perplexity), sft.gguf, pipeline-times.tsv
   S=$RUNS/smollm2$Q
   BASE=$S/base; SFT=$S/sft; QUANT=$S/sft-gptq; GGUF=$S/sft.gguf; TIMES=$S/pipeline-times.tsv
-  CHATS=$DATA/chatterbot-en.jsonl; QUESTIONS=$DATA/smollm2-questions.txt
+  CHAT_DIR=$DATA/chatterbot-en; CHATS=$CHAT_DIR/chats.jsonl; QUESTIONS=$CHAT_DIR/questions.txt
   # CPU: configs/sft/chatterbot-smollm2-lora.yaml; GPUs: the -gpu one (bigger batch, more steps)
   SFT_CONFIG=configs/sft/chatterbot-smollm2-lora.yaml
   [ "$GPUS" -eq 0 ] || SFT_CONFIG=configs/sft/chatterbot-smollm2-lora-gpu.yaml
@@ -117,6 +116,10 @@ elif [ -n "$QUICK" ]; then
   TRAIN_QUICK=(--train.max_steps 10 --train.warmup_steps 2 --train.eval_every 10 --train.save_every 10)
 fi
 VOCAB=$([ "$CONFIG" = cpu-demo ] && echo 4096 || echo 8000)
+# the tools' defaults for the cpu-demo model (data/tokenizer, data/pretrain); GPU-sized configs: an 8,000-token
+# vocabulary, in folders of their own
+V=$([ "$VOCAB" = 4096 ] || echo "-$VOCAB")
+TOK=$DATA/tokenizer$V/tokenizer.model; PRETRAIN_DATA=$DATA/pretrain$V
 RANKS=$(( GPUS > 0 ? GPUS : 1 ))  # processes sharing the cores
 THREADS=$(( $(nproc) / RANKS > 0 ? $(nproc) / RANKS : 1 ))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS} TOKENIZERS_PARALLELISM=false
@@ -143,17 +146,15 @@ if [ -n "$PLAN" ]; then
 fi
 
 stage_setup()     { bash tools/setup_env.sh; }
-# The tokenizer learns the pretraining text and the SFT chats' text (a 4,096-token vocabulary spells the idiom chats
-# with ~4% byte fragments when characters may take 85% of it, instead of ~37% from the pretraining text alone).
-CHAR_SHARE=$([ "$CONFIG" = cpu-demo ] && echo 0.85 || echo 0.5)
+# The tools' default inputs (llm/corpora.py DEMO_*): the tokenizer learns the pretraining text and the SFT chats' text
+# (a 4,096-token vocabulary spells the idiom chats with ~4% byte fragments when characters may take 85% of it,
+# instead of ~37% from the pretraining text alone); the model pretrains on builtin:demo and the idiom dictionary as
+# prose (without the idioms SFT and the quiz hold out).
+CHAR_SHARE=$([ "$VOCAB" = 4096 ] && echo 0.85 || echo 0.5)
 stage_tokenizer() {
-  [ -f "$TOK" ] || "$PY" tools/train_tokenizer.py --inputs '[builtin:demo, builtin:idioms]' --char_share "$CHAR_SHARE" \
-    --out "$TOK" --vocab_size "$VOCAB"
+  [ -f "$TOK" ] || "$PY" tools/train_tokenizer.py --char_share "$CHAR_SHARE" --out "$TOK" --vocab_size "$VOCAB"
 }
-# Pretraining text: builtin:demo and the idiom dictionary as prose (without the idioms SFT and the quiz hold out)
-stage_data() {
-  "$PY" tools/prepare_data.py --inputs '[builtin:demo, builtin:idioms-text]' --tokenizer "$TOK" --out "$PRETRAIN_DATA"
-}
+stage_data() { "$PY" tools/prepare_data.py --tokenizer "$TOK" --out "$PRETRAIN_DATA"; }
 stage_pretrain() {
   [ -f "$BASE/final/config.json" ] && return 0
   launch llm/pretrain.py --config "configs/pretrain/$CONFIG.yaml" --data "$PRETRAIN_DATA" \
@@ -201,22 +202,21 @@ smol_convert() {
 }
 smol_data() {  # the English conversations of builtin:chatterbot (SmolLM2 is an English model) and three held-out questions
   [ -f "$CHATS" ] && [ -f "$QUESTIONS" ] && return 0
-  mkdir -p "$DATA"
-  "$PY" - "$CHATS" "$QUESTIONS" <<'EOF'
-import json, os, re, sys
+  "$PY" - "$CHAT_DIR" <<'EOF'
+import json, re, sys
+from llm import writer
 from llm.data_rules import is_held_out
 from llm.sft_sources import load_chats
 chats = [c for _, c in load_chats("builtin:chatterbot", split=None)
          if not any(re.search(r"[\u3000-\u9fff\uff00-\uffef]", m["content"]) for m in c)]
-with open(sys.argv[1] + ".tmp", "w", encoding="utf-8") as f:
-    f.writelines(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in chats)
-os.replace(sys.argv[1] + ".tmp", sys.argv[1])
 questions = ["What grows from an acorn?", "The Statue of Liberty was given to the US by which country?",
              "what is a government"]
 assert all(is_held_out(q, 0.05) for q in questions)  # the split sft.py makes (val_fraction 0.05): never trained on
-with open(sys.argv[2], "w", encoding="utf-8") as f:
-    f.writelines(q + "\n" for q in questions)
-print(f"{sys.argv[1]}: {len(chats)} English conversations; {sys.argv[2]}: {len(questions)} held-out questions")
+with writer.write_dir(sys.argv[1], "data") as tmp:  # a folder of the toolkit's, so --from data may redo it
+    (tmp / "chats.jsonl").write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in chats),
+                                     encoding="utf-8")
+    (tmp / "questions.txt").write_text("".join(q + "\n" for q in questions), encoding="utf-8")
+print(f"{sys.argv[1]}: chats.jsonl ({len(chats)} English conversations), questions.txt ({len(questions)} held out)")
 EOF
 }
 smol_sft() {
@@ -262,16 +262,23 @@ drop_dir() {  # a folder the toolkit made (its .llm-owner.json marker): never on
       "stage: move it away, or pick another --out" >&2; exit 2; }
   rm -rf "$1"
 }
+drop_gguf() {  # a GGUF file (its magic bytes), not a file a user put at that path
+  [ -e "$1" ] || return 0
+  [ "$(head -c 4 "$1")" = GGUF ] || {
+    echo "error: $1 is not a GGUF file, so run.sh will not delete it to redo the stage: move it away" >&2; exit 2; }
+  rm -f "$1"
+}
 drop_output() {  # --from/--only redo a stage: drop its output first so the skip check does not fire
   case "$TRACK:$1" in  # a training stage drops its whole run directory (else --train.resume auto resumes the end)
-    scratch:tokenizer) rm -f "$TOK" ;;
+    scratch:tokenizer) drop_dir "$(dirname "$TOK")" ;;
+    scratch:data) drop_dir "$PRETRAIN_DATA" ;;
     scratch:pretrain) drop_dir "$BASE" ;;
     *:sft) drop_dir "$SFT" ;;
     *:quantize) drop_dir "$QUANT" ;;
-    *:gguf) rm -f "$GGUF" ;;
+    *:gguf) drop_gguf "$GGUF" ;;
     smollm2:convert) drop_dir "$BASE" ;;
-    smollm2:data) rm -f "$CHATS" "$QUESTIONS" ;;
-    smollm2:samples) rm -f "$BASE/samples.json" "$SFT/samples.json" "$QUANT/samples.json" ;;
+    smollm2:data) drop_dir "$CHAT_DIR" ;;
+    smollm2:samples) rm -f "$BASE/samples.json" "$SFT/samples.json" "$QUANT/samples.json" ;;  # in folders it made
   esac
 }
 stamp() { stat -c '%Y %i %s' "$1" 2>/dev/null || echo none; }  # mtime, inode, size: outputs are renamed into place

@@ -40,6 +40,13 @@ from llm.data_rules import is_held_out, package_dir
 BUILTINS = ("shakespeare", "renmin", "poems", "demo", "reviews", "idioms-text")
 VAL_SHARE = 0.05  # of a built-in corpus's documents held out as validation
 DEMO_MAX_BYTES = 1_500_000  # per language in builtin:demo's train split (val gets a tenth)
+# The demo's data, the defaults of tools/train_tokenizer.py, tools/prepare_data.py and configs/pretrain/cpu-demo.yaml
+# (run.sh's scratch track): the tokenizer learns the pretraining text and the SFT chats' text; the model pretrains
+# on builtin:demo and the idiom dictionary as prose, then is fine-tuned on builtin:idioms.
+DEMO_TOKENIZER_INPUTS = ("builtin:demo", "builtin:idioms")
+DEMO_PRETRAIN_INPUTS = ("builtin:demo", "builtin:idioms-text")
+DEMO_TOKENIZER = "data/tokenizer/tokenizer.model"
+DEMO_DATA = "data/pretrain"
 IDIOMS_TEXT_MAX_BYTES = 500_000  # builtin:idioms-text's train split (~1,900 of the ~29,000 idioms; val a tenth)
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 TXT_DOCS = ("blank_line", "line", "file")

@@ -22,8 +22,13 @@ def split_bucket(key: str | bytes, seed: int = 0) -> int:
 
 def is_held_out(key: str | bytes, share: float, seed: int = 0) -> bool:
     """The one held-out rule: `key` (a document's text, a chat's first prompt) is validation data when its bucket
-    falls in the first `share` of them. Stored buckets are tested the same way: `bucket < share * SPLIT_BUCKETS`."""
-    return split_bucket(key, seed) < share * SPLIT_BUCKETS
+    falls in the first `share` of them. Stored buckets: `bucket_held_out`."""
+    return bucket_held_out(split_bucket(key, seed), share)
+
+
+def bucket_held_out(bucket, share: float):
+    """The rule on a bucket already computed (an int, or a numpy array of stored buckets)."""
+    return bucket < share * SPLIT_BUCKETS
 
 
 def package_dir(name: str) -> Path:

@@ -22,8 +22,26 @@ from llm.model import Transformer
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # old transformers checkpoints carry this buffer
 # What a trained model directory records about its training data, `{"data": SPEC}` (SPEC: the training command's
-# `--data`, paths absolute): written by the language-modelling tasks, read by quantization to calibrate on it.
+# `--data`, paths absolute): written by the language-modelling tasks, read by quantization to calibrate on it and by
+# SFT to replay it.
 TRAINING_DATA_FILE = "training_data.json"
+
+
+def recorded_training_data(model_dir: str | os.PathLike, warn=None) -> Optional[str]:
+    """The data `model_dir` records it was trained on (TRAINING_DATA_FILE), or None: no record, or an unreadable one
+    (then `warn`ed about when given)."""
+    f = Path(model_dir) / TRAINING_DATA_FILE
+    try:
+        spec = json.loads(f.read_text())["data"]
+        if not isinstance(spec, str):
+            raise TypeError(f"'data' is {type(spec).__name__}, not a string")
+        return spec
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if warn is not None:
+            warn(f"warning: {f}: unreadable ({e!r}) — ignored")
+        return None
 
 
 def read_config(path: str | os.PathLike) -> tuple[ModelArgs, dict]:
@@ -190,7 +208,7 @@ def save_model(model: Transformer, path: str | os.PathLike, tokenizer=None, dtyp
         save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():  # e.g. training_data.json (llm.quant.TRAINING_DATA_FILE)
+        for name, text in (extra_files or {}).items():  # e.g. TRAINING_DATA_FILE
             (tmp / name).write_text(text, encoding="utf-8")
     return path
 

@@ -27,7 +27,8 @@ from typing import Iterator, Literal, Optional, Union
 import numpy as np
 
 from llm.errors import UserError
-from llm.corpora import Chunk, expand_inputs, iter_documents, parse_chunk, read_chunks
+from llm.corpora import (DEMO_DATA, DEMO_PRETRAIN_INPUTS, DEMO_TOKENIZER, Chunk, expand_inputs, iter_documents,
+                         parse_chunk, read_chunks)
 from llm.data_rules import HELD_OUT_RULE, is_held_out
 from llm.data import DTYPES, META, dtype_for_vocab, read_meta
 
@@ -263,8 +264,8 @@ def _write_shards(results: Iterator[_Encoded], writers: dict[str, _ShardWriter],
     return counts
 
 
-def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
-            tokenizer: str = "data/tokenizer/tokenizer.model", text_key: str = "text",
+def prepare(inputs: Union[list[str], str, None] = None, out: str = DEMO_DATA, tokenizer: str = DEMO_TOKENIZER,
+            text_key: str = "text",
             txt_docs: Literal["blank_line", "line", "file"] = "blank_line", val_fraction: float = 0.005, seed: int = 0,
             dedupe: bool = False, dtype: Literal["auto", "uint16", "uint32"] = "auto",
             max_shard_tokens: int = 100_000_000, workers: int = 0, chunk_mb: Optional[float] = None,
@@ -273,7 +274,8 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
 
     Args:
         inputs: one or a list of files, globs or folders of .txt / .jsonl / .jsonl.gz / .parquet, or
-            builtin:shakespeare|renmin|poems|demo|reviews (default builtin:demo).
+            builtin:shakespeare|renmin|poems|demo|reviews|idioms-text (default: builtin:demo and builtin:idioms-text,
+            run.sh's cpu-demo pretraining text).
         out: output directory (built in a hidden temporary directory and renamed into place when complete).
         tokenizer: sentencepiece tokenizer.model (tools/train_tokenizer.py) or a tokenizer.json.
         text_key: field of jsonl records / column of parquet files that holds the text.
@@ -295,7 +297,7 @@ def prepare(inputs: Union[list[str], str, None] = None, out: str = "data/demo",
 
     from llm import writer
 
-    inputs = ["builtin:demo"] if inputs is None else [inputs] if isinstance(inputs, str) else list(inputs)
+    inputs = list(DEMO_PRETRAIN_INPUTS) if inputs is None else [inputs] if isinstance(inputs, str) else list(inputs)
     out_dir, tok_path = Path(out), Path(tokenizer)
     tok, dtype = _open_tokenizer(tokenizer, dtype)
     if not 0 <= val_fraction < 1:

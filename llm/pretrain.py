@@ -1,6 +1,6 @@
 """Pretrain a LLaMA-2-style model from scratch on prepared token shards, under DeepSpeed.
 
-    deepspeed --num_gpus 4 llm/pretrain.py                                   # cpu-demo model on data/demo
+    deepspeed --num_gpus 4 llm/pretrain.py                                   # cpu-demo model on data/pretrain
     deepspeed --num_gpus 8 llm/pretrain.py --config configs/pretrain/350M-2k.yaml --data data/web
     torchrun --nproc_per_node 2 llm/pretrain.py --config configs/pretrain/debug.yaml --train.max_steps 50
     python llm/pretrain.py --config configs/pretrain/cpu-demo.yaml --train.resume auto   # one process
@@ -28,9 +28,9 @@ import yaml
 from llm.cli import defaults_from, run_cli
 from llm.errors import UserError
 from llm.config import ModelArgs
+from llm.corpora import DEMO_DATA
 from llm.train import TrainConfig, dist, fit, preflight
 
-DEFAULT_DATA = "data/demo"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs/pretrain/cpu-demo.yaml"
 
 
@@ -50,7 +50,7 @@ def model_args(preset: str, overrides: Optional[dict], meta: dict, tokenizer) ->
 
 
 @defaults_from(DEFAULT_CONFIG)
-def main(preset: str = "cpu-demo", model: Optional[dict[str, Any]] = None, data: str = DEFAULT_DATA,
+def main(preset: str = "cpu-demo", model: Optional[dict[str, Any]] = None, data: str = DEMO_DATA,
          tokenizer: Optional[str] = None, seq_len: Optional[int] = None, train: TrainConfig = TrainConfig()) -> dict:
     """Pretrain a model on DATA/{train,val}_*.bin (tools/prepare_data.py); returns the run's summary.
 
@@ -73,7 +73,7 @@ def main(preset: str = "cpu-demo", model: Optional[dict[str, Any]] = None, data:
 
     data_dir = Path(data)
     if not (data_dir / "meta.json").is_file():
-        how = ("`python tools/train_tokenizer.py` then `python tools/prepare_data.py`" if data == DEFAULT_DATA
+        how = ("`python tools/train_tokenizer.py` then `python tools/prepare_data.py`" if data == DEMO_DATA
                else f"`python tools/prepare_data.py --inputs YOUR_TEXT --out {data}`")
         raise UserError(f"{data_dir / 'meta.json'}: not found — the pretraining data is not prepared; create it "
                         f"with {how}")

@@ -25,10 +25,9 @@ from llm.errors import UserError
 from llm.config import ModelArgs
 from llm import writer
 from llm.gptq_format import SUPPORTED_BITS
-from llm.hf_format import TRAINING_DATA_FILE, read_config
+from llm.hf_format import TRAINING_DATA_FILE, read_config, recorded_training_data
 
-# files of a model directory that are not weights or config: tokenizer, generation config, chat template, README
-WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
+# the tokenizer files of a model directory (sentencepiece and HF), chat template included
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
@@ -95,11 +94,9 @@ def check_source(model_dir: str | os.PathLike) -> tuple[ModelArgs, dict]:
 def is_chat_source(source: str) -> bool:
     """Chats (a jsonl of llm/sft.py's formats, or builtin:chatterbot/idioms/chitchat) rather than plain text or
     token shards."""
-    if source.startswith("builtin:"):
-        from llm.corpora import BUILTINS
+    from llm.sft_sources import is_chat_builtin
 
-        return source.removeprefix("builtin:") not in BUILTINS
-    return source.endswith(".jsonl") and Path(source).is_file()
+    return is_chat_builtin(source) or (source.endswith(".jsonl") and Path(source).is_file())
 
 
 def text_tokens(source: str, tok, split: str, max_tokens: int, vocab_size: Optional[int] = None,
@@ -134,17 +131,10 @@ LANGUAGE_TEXT = {"en": "builtin:shakespeare", "zh": "builtin:renmin", "en+zh": "
 def recorded_data(model_dir: str | os.PathLike) -> Optional[str]:
     """The training data `model_dir` records in TRAINING_DATA_FILE, or None (no record, or one naming data that is
     no longer there: then a warning)."""
-    f = Path(model_dir) / TRAINING_DATA_FILE
-    try:
-        spec = json.loads(f.read_text())["data"]
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        print(f"warning: {f}: unreadable ({e!r}) — ignored")
-        return None
-    if not isinstance(spec, str) or not (spec.startswith("builtin:") or Path(spec).exists()):
-        print(f"warning: {f}: the training data {spec!r} is not here — calibrating on built-in text instead "
-              "(pass --calib to choose)")
+    spec = recorded_training_data(model_dir, warn=print)
+    if spec is not None and not (spec.startswith("builtin:") or Path(spec).exists()):
+        print(f"warning: {Path(model_dir) / TRAINING_DATA_FILE}: the training data {spec!r} is not here — "
+              "calibrating on built-in text instead (pass --calib to choose)")
         return None
     return spec
 
@@ -197,12 +187,14 @@ def calibration_samples(ids: np.ndarray, n_samples: int, seq_len: int, seed: int
 # ----------------------------------------------------------------------------------------------- quantize
 def quantize(model_dir: str | os.PathLike, out: str | os.PathLike, samples: Optional[list[list[int]]],
              method: Literal["gptq", "rtn"] = "gptq", bits: int = 4, group_size: int = 128, desc_act: bool = False,
-             sym: bool = True, damp_percent: float = 0.05, device: str = "cpu", save_dtype=torch.float16) -> Path:
+             sym: bool = False, damp_percent: float = 0.05, device: str = "cpu", save_dtype=torch.float16,
+             overwrite: bool = False) -> Path:
     """Quantize the decoder Linears of `model_dir` with GPTQModel and write the GPTQ directory `out` atomically.
 
     `samples`: calibration token windows (GPTQ only). Tensors left in floating point (embeddings, norms, lm_head)
     are stored in `save_dtype` (fp16, the activation dtype of GPTQ kernels); tokenizer and generation files are
-    copied from `model_dir` byte for byte, so the quantized model tokenizes exactly as the original."""
+    copied from `model_dir` byte for byte, so the quantized model tokenizes exactly as the original. `overwrite`
+    replaces an earlier GPTQ output of the toolkit at `out` (never anything else)."""
     model_dir, out = Path(model_dir), Path(out)
     if device == "cpu":  # GPTQModel's CPU default is half the cores; one worker per core is fastest here
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
@@ -213,11 +205,11 @@ def quantize(model_dir: str | os.PathLike, out: str | os.PathLike, samples: Opti
         qkw["weight_only"] = {"method": "rtn"}
     else:
         qkw.update(desc_act=desc_act, damp_percent=damp_percent)
-    writer.check_dir(out, "gptq", [model_dir], overwrite=True)  # before the work: never a folder not ours
+    writer.check_dir(out, "gptq", [model_dir], overwrite)  # before the work
     # GPTQModel parks finished layers on disk; our own temp dir, so that an interrupted run leaves nothing behind
     qkw["offload_to_disk_path"] = offload = tempfile.mkdtemp(prefix="gptq-offload-")
     try:
-        with writer.write_dir(out, "gptq", [model_dir], overwrite=True) as tmp:
+        with writer.write_dir(out, "gptq", [model_dir], overwrite) as tmp:
             # fp32 on CPU: GPTQModel would pick bf16 there, which costs accuracy in the Hessian's inputs
             model = GPTQModel.load(str(model_dir), QuantizeConfig(**qkw),
                                    **({"dtype": torch.float32} if device == "cpu" else {}))
@@ -232,7 +224,8 @@ def quantize(model_dir: str | os.PathLike, out: str | os.PathLike, samples: Opti
 
 def _finish_dir(src: Path, dst: Path, dtype: torch.dtype):
     """Cast the floating-point tensors GPTQModel left in the load dtype to `dtype` and replace its tokenizer files
-    (it re-saves them through transformers, which may change them) with the source's."""
+    (it re-saves them through transformers, which may change them) with the source's; generation settings and the
+    training data record are copied too."""
     for f in dst.glob("*.safetensors"):
         sd = load_file(str(f))
         save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, str(f),
@@ -245,9 +238,9 @@ def _finish_dir(src: Path, dst: Path, dtype: torch.dtype):
     cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     for name in TOKENIZER_FILES:
         (dst / name).unlink(missing_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and f.name != "config.json" and not f.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copyfile(f, dst / f.name)
+    for name in (*TOKENIZER_FILES, "generation_config.json", TRAINING_DATA_FILE):  # not eval/sample reports
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
 
 
 def dir_size(path: str | os.PathLike) -> int:

@@ -70,6 +70,6 @@ def answer_loss(sft_d: Path) -> Optional[tuple[float, float]]:
 def samples(path: Path) -> dict[str, str]:
     r = load_json(path)
     try:
-        return {str(x["prompt"]): " ".join(str(x["completion"]).split()) for x in r}
+        return {str(x["prompt"]): " ".join(str(x["completion"]).split()) for x in r["samples"]}
     except (KeyError, TypeError):
         return {}

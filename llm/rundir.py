@@ -129,14 +129,7 @@ def holds_run_lock(is_main: Callable[[], bool]):
                     lock = RunLock(sig.bind(*args, **kwargs).arguments["cfg"].run_dir).acquire()
                 except Exception as e:  # noqa: BLE001 — re-raised below, once the other ranks know
                     refusal = e
-            if many and not dist.broadcast(refusal is None):
-                import torch.distributed
-
-                torch.distributed.destroy_process_group()  # a group left at exit aborts the process (gloo)
-                if refusal is None:
-                    raise SystemExit(2)  # rank 0 says why
-            if refusal is not None:
-                raise refusal
+            dist.raise_together(refusal)
             try:
                 return fn(*args, **kwargs)
             finally:

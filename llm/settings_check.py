@@ -14,8 +14,6 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-# Every CLI's settings (`--config FILE.yaml` and `--name value`) are checked here against the typed signature before
-# jsonargparse sees them, so a mistake is one line naming the file, line and key (`llm.cli.run_cli`).
 SIGNED_INTS = {"seed", "top_k", "group_size", "bos_token_id", "eos_token_id", "pad_token_id"}
 """Integer settings that may be negative (group_size -1: one group per row); every other one is a size or a count,
 so a negative value is an error."""

@@ -15,6 +15,7 @@ the trained embeddings/norms and the RoPE extension), checkpoints/ to resume.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Literal, Optional
@@ -97,8 +98,8 @@ def main(model: str, data: str, train: TrainConfig = TrainConfig(), mode: Litera
             dist.log("note: packed batches carry a block-diagonal mask and use full attention; S²-Attn applies to "
                      "unpacked sequences (--pack false)")
         if train.sample_prompts == TrainConfig().sample_prompts:
-            train.sample_prompts = prompts  # greedy answers to held-out questions at each evaluation
-            train.sample_temperature = 0.0
+            # greedy answers to held-out questions at each evaluation (a copy: `train` may be a shared default)
+            train = dataclasses.replace(train, sample_prompts=prompts, sample_temperature=0.0)
     base.gradient_checkpointing = train.activation_checkpointing  # on the Transformer, not a peft wrapper
     if mode == "full":
         task = LanguageModelTask(base, **data_kw)

@@ -30,7 +30,7 @@ import numpy as np
 
 from llm.chat import IGNORE_INDEX, render, tokenize_chat
 from llm.errors import UserError
-from llm.data_rules import SPLIT_BUCKETS, package_dir, split_bucket
+from llm.data_rules import bucket_held_out, package_dir, split_bucket
 from llm.sft_sources import (BUILTIN_PACKAGES, CHAT_BUILTINS, Chat, iter_chats, iter_labelled, label_error,
                              no_data_file, record_to_chat)
 
@@ -215,7 +215,7 @@ class TokenizedSource:
         buckets."""
         if split is None:
             return np.arange(len(self))
-        held_out = self.arrays["split"] < val_fraction * SPLIT_BUCKETS
+        held_out = bucket_held_out(self.arrays["split"], val_fraction)
         return np.flatnonzero(held_out == (split == "val"))
 
     def where(self, i: int) -> str:

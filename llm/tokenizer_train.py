@@ -22,8 +22,8 @@ import numpy as np
 from llm import writer
 from llm.errors import UserError
 from llm.config import ModelArgs
-from llm.corpora import expand_inputs, iter_documents
-from llm.sft_sources import CHAT_BUILTINS, load_chats
+from llm.corpora import DEMO_TOKENIZER, DEMO_TOKENIZER_INPUTS, expand_inputs, iter_documents
+from llm.sft_sources import is_chat_builtin, load_chats
 from llm.tokenizer import CHAT_TOKENS, Tokenizer
 
 COVERAGES = (0.9999, 0.9995, 0.999, 0.998, 0.995, 0.99, 0.98)  # sentencepiece rejects < 0.98
@@ -32,20 +32,15 @@ HELD_OUT = {"en": "builtin:shakespeare", "zh": "builtin:renmin"}
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # written next to tokenizer.model
 
 
-def is_chat_source(spec: str) -> bool:
-    """builtin:idioms, builtin:chatterbot, builtin:chitchat: chat data whose messages are read as text."""
-    return spec.startswith("builtin:") and spec.split(":", 1)[1] in CHAT_BUILTINS
-
-
 def expand_text_inputs(inputs: list[str]) -> list[str]:
     """expand_inputs, with chat built-ins kept as they are."""
-    return [f for spec in inputs for f in ([spec] if is_chat_source(spec) else expand_inputs([spec]))]
+    return [f for spec in inputs for f in ([spec] if is_chat_builtin(spec) else expand_inputs([spec]))]
 
 
 def input_documents(src: str, text_key: str, txt_docs: str):
     """The training-split documents of one input: a chat built-in's chats (the split llm/sft.py trains on at its
     default val_fraction) as their messages' text, one message a line; else iter_documents."""
-    if is_chat_source(src):
+    if is_chat_builtin(src):
         return ("\n".join(m["content"] for m in chat) for _, chat in load_chats(src, "train"))
     return iter_documents(src, "train", text_key=text_key, txt_docs=txt_docs)
 
@@ -126,8 +121,8 @@ def spm_message(e: RuntimeError) -> str:
     return re.sub(r"^\w+: \S+\(\d+\) \[.*?\)\] ", "", msg)[-300:]
 
 
-def train_tokenizer(inputs: Union[list[str], str, None] = None, out: str = "data/tokenizer/tokenizer.model",
-                    vocab_size: int = 4096, character_coverage: Optional[float] = None, char_share: float = 0.5,
+def train_tokenizer(inputs: Union[list[str], str, None] = None, out: str = DEMO_TOKENIZER,
+                    vocab_size: int = 4096, character_coverage: Optional[float] = None, char_share: float = 0.85,
                     max_sentences: int = 2_000_000, max_input_mb: float = 4000, max_sentence_length: int = 16384,
                     text_key: str = "text",
                     txt_docs: str = "blank_line", seed: int = 0, threads: int = 2, preset: str = "cpu-demo",
@@ -136,8 +131,9 @@ def train_tokenizer(inputs: Union[list[str], str, None] = None, out: str = "data
 
     Args:
         inputs: one or a list of files, globs or folders of .txt / .jsonl / .jsonl.gz / .parquet, builtin:
-            corpora (default builtin:demo), or built-in chat data (builtin:idioms, builtin:chatterbot,
-            builtin:chitchat: the text of the chats llm/sft.py trains on, held-out chats left out).
+            corpora, or built-in chat data (builtin:idioms, builtin:chatterbot, builtin:chitchat: the text of the
+            chats llm/sft.py trains on, held-out chats left out). Default: builtin:demo and builtin:idioms, the
+            text run.sh's cpu-demo model pretrains and is fine-tuned on.
         out: the tokenizer.model to write; the Hugging Face tokenizer files go next to it. An existing directory
             means DIR/tokenizer.model. Files already there are replaced only with --overwrite, and only in a
             tokenizer directory this toolkit made.
@@ -159,7 +155,7 @@ def train_tokenizer(inputs: Union[list[str], str, None] = None, out: str = "data
     """
     import sentencepiece as spm
 
-    inputs = ["builtin:demo"] if inputs is None else [inputs] if isinstance(inputs, str) else list(inputs)
+    inputs = list(DEMO_TOKENIZER_INPUTS) if inputs is None else [inputs] if isinstance(inputs, str) else list(inputs)
     out_path = Path(out)
     try:
         ModelArgs.from_preset(preset)
@@ -169,7 +165,7 @@ def train_tokenizer(inputs: Union[list[str], str, None] = None, out: str = "data
         out_path = out_path / "tokenizer.model"
     if out_path.is_file() and not overwrite:
         print(f"{out_path}: exists (--overwrite retrains); its report:")
-        return report(Tokenizer(out_path), preset, tuple(i for i in inputs if is_chat_source(i)))
+        return report(Tokenizer(out_path), preset, tuple(i for i in inputs if is_chat_builtin(i)))
     # before the training: every file written must be new, or (--overwrite) a tokenizer file of ours
     if not 0 < char_share < 1:
         raise UserError(f"--char_share {char_share}: give a share of the vocabulary between 0 and 1")
@@ -218,4 +214,4 @@ def train_tokenizer(inputs: Union[list[str], str, None] = None, out: str = "data
                 except OSError:
                     break
     print(f"wrote {out_path} (+ tokenizer.json, tokenizer_config.json, special_tokens_map.json)")
-    return report(Tokenizer(out_path), preset, tuple(i for i in inputs if is_chat_source(i)))
+    return report(Tokenizer(out_path), preset, tuple(i for i in inputs if is_chat_builtin(i)))

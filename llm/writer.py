@@ -3,9 +3,11 @@
 A directory (model, data, adapter, gptq, tokenizer, run) is built under a hidden temporary sibling and renamed into
 place when complete; it carries MARKER (`.llm-owner.json`: the kind and the command that made it), which is how
 later commands know the toolkit made it. A single file (GGUF) is written under a temporary sibling name and
-renamed. The rules, whatever the flags:
+renamed; a JSON report (`write_report`: --json of tools/eval.py and tools/generate.py) names the tool that wrote it
+under REPORT_KEY. The rules, whatever the flags:
 - a directory without the marker is never replaced or deleted (an empty one is, as nothing in it can be lost);
 - a file is replaced only with `overwrite` and only if it is a file of the same kind (a GGUF by its magic bytes);
+  a JSON report replaces only a report of the toolkit (a re-run updates its numbers);
 - `overwrite` replaces only the toolkit's own output of the same kind (a run directory is never replaced by a model);
 - an output path that is, or holds, one of the command's inputs is refused (resolved paths compared).
 Directories written by versions before the marker are accepted as the toolkit's when they hold exactly what it
@@ -27,6 +29,7 @@ from llm.errors import UserError
 
 MARKER = ".llm-owner.json"
 KINDS = ("model", "data", "adapter", "gptq", "tokenizer", "run")
+REPORT_KEY = "written_by"  # the tool that wrote a JSON report: the proof that replacing it loses nothing
 FILE_KINDS = {"gguf": b"GGUF"}  # single-file outputs and the magic bytes that identify one
 FILE_EXAMPLES = {"gguf": "model.gguf", "tokenizer": "tokenizer.model"}
 TOKENIZER_FILES = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -34,7 +37,7 @@ TOKENIZER_FILES = {"tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 MODEL_FILES = TOKENIZER_FILES | {"config.json", "generation_config.json", "model.safetensors.index.json",
                                  "quantize_config.json", "quant_log.csv", "report.json"}  # + GPTQ dirs
 ADAPTER_FILES = TOKENIZER_FILES | {"adapter_config.json", "adapter_model.safetensors", "README.md",
-                                   "context_extension.json"}  # llm.sft.EXTENSION
+                                   "context_extension.json"}  # llm.tasks.lora.EXTENSION
 
 
 def owner(path: str | os.PathLike) -> Optional[str]:
@@ -241,6 +244,37 @@ def replace_text(path: str | os.PathLike, text: str):
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_report(path: str | os.PathLike, flag: str = "--json"):
+    """Raise a one-line UserError unless a JSON report may be written at `path`: a new path or a report of ours."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a directory — pass a file path, e.g. {path / 'report.json'}")
+    if path.exists() or path.is_symlink():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            ours = not path.is_symlink() and isinstance(old, dict) and REPORT_KEY in old
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise UserError(f"{flag} {path}: exists and is not a report of this toolkit — it is never replaced; "
+                            f"choose another {flag}")
+
+
+def write_report(path: str | os.PathLike, report: dict, tool: str, flag: str = "--json"):
+    """Write the JSON object `report` (with REPORT_KEY = `tool`) to `path`, replacing only an earlier report of the
+    toolkit (`check_report`, before the write and at the rename)."""
+    path = Path(path)
+    check_report(path, flag)
+    _mkdir(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({REPORT_KEY: tool, **report}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        check_report(path, flag)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -114,7 +114,8 @@ def sp_dir(tmp_path_factory) -> Path:
     from llm.tokenizer_train import train_tokenizer
 
     d = tmp_path_factory.mktemp("sp")
-    train_tokenizer(out=str(d / "tokenizer.model"), vocab_size=2000, max_sentences=20_000, preset="debug")
+    train_tokenizer(inputs=["builtin:demo"], out=str(d / "tokenizer.model"), vocab_size=2000, max_sentences=20_000,
+                    char_share=0.5, preset="debug")
     Tokenizer.from_file(d / "tokenizer.model").save_pretrained(d)
     return d
 

@@ -35,7 +35,8 @@ PREPARE = str(ROOT / "tools" / "prepare_data.py")
 @pytest.fixture(scope="session")
 def tok_path(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tok")
-    train_tokenizer(out=str(d / "tokenizer.model"), vocab_size=1500, max_sentences=10_000, preset="debug")
+    train_tokenizer(inputs=["builtin:demo"], out=str(d / "tokenizer.model"), vocab_size=1500, max_sentences=10_000,
+                    char_share=0.5, preset="debug")
     return d / "tokenizer.model"
 
 

@@ -138,7 +138,7 @@ def test_generate_cli_cut_inside_a_character(sp_dir, tmp_path, capsys):
                         "1.0", "--seed", str(seed), "--compile", "false", "--device", "cpu",
                         "--json", str(tmp_path / "out.json")])
     assert capsys.readouterr().out == want + "\n"
-    assert json.loads((tmp_path / "out.json").read_text()) == [{"prompt": prompt, "completion": want}]
+    assert json.loads((tmp_path / "out.json").read_text())["samples"] == [{"prompt": prompt, "completion": want}]
     # more new tokens than the context leaves after the prompt: a warning, and the completion stops at the context
     long_prompt = "北京" * 20
     n_prompt = len(tok.encode(long_prompt))

@@ -94,7 +94,15 @@ def test_cli_mc_jsonl_and_passkey(smollm2_dir, tmp_path, capsys):
     out = tmp_path / "mc.json"
     run_cli(CLI, ["mc", "--model", str(smollm2_dir), "--task", str(qs), "--json", str(out)])
     r = json.loads(out.read_text())
-    assert (r["n"], r["acc"], r["acc_norm"]) == (2, 1.0, 1.0)
+    assert (r["n"], r["acc"], r["acc_norm"], r["written_by"]) == (2, 1.0, 1.0, "tools/eval.py")
+    run_cli(CLI, ["mc", "--model", str(smollm2_dir), "--task", str(qs), "--json", str(out), "--limit", "1"])
+    assert json.loads(out.read_text())["n"] == 1  # its own report: replaced
+    mine = tmp_path / "mine.json"  # a user's file: refused before the work, untouched
+    mine.write_text('{"n": 7}')
+    with pytest.raises(SystemExit) as e:
+        run_cli(CLI, ["mc", "--model", str(smollm2_dir), "--task", str(qs), "--json", str(mine)])
+    assert e.value.code == 2 and "is not a report of this toolkit" in capsys.readouterr().err
+    assert mine.read_text() == '{"n": 7}'
     out = tmp_path / "pk.json"
     run_cli(CLI, ["passkey", "--model", str(smollm2_dir), "--lengths", "[200]", "--trials", "2", "--batch_size", "2",
                   "--json", str(out)])

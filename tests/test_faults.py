@@ -538,7 +538,7 @@ def test_lora_sft_sigkill_then_resume_gives_the_same_weights(lora_base, tmp_path
 # ----------------------------------------------------------------------------------------------- the headline
 def test_no_argument_command_trains_on_4_ranks(data_dir, tmp_path):
     """`deepspeed --num_gpus 4 llm/pretrain.py`, no arguments, on 4 CPU ranks, in a directory laid out as run.sh
-    leaves it (data/tokenizer/tokenizer.model, data/demo; tiny versions): it starts training the default config at
+    leaves it (data/tokenizer/tokenizer.model, data/pretrain; tiny versions): it starts training the default config at
     world size 4 with the default global batch of 16 (micro batch 8 -> 4, no accumulation): the batch line and the
     start line once each, no error. The 300-step run is SIGKILLed (the whole group) once its first step is done."""
     import shutil
@@ -549,7 +549,7 @@ def test_no_argument_command_trains_on_4_ranks(data_dir, tmp_path):
     cwd = os.getcwd()
     os.chdir(tmp_path)  # relative paths, as run.sh writes them
     try:
-        prepare([str(data_dir.parent / "text.txt")], out="data/demo", tokenizer="data/tokenizer/tokenizer.model",
+        prepare([str(data_dir.parent / "text.txt")], out="data/pretrain", tokenizer="data/tokenizer/tokenizer.model",
                 val_fraction=0.05, workers=1)
     finally:
         os.chdir(cwd)
@@ -580,15 +580,19 @@ def test_no_argument_command_trains_on_4_ranks(data_dir, tmp_path):
 def test_no_argument_command_without_data_prints_one_error_on_4_ranks(tmp_path):
     """The same command before run.sh has laid out data/: exit 2 and one error line (rank 0's), not one per rank."""
     log = tmp_path / "log.txt"
-    p = ds_launch_4(ROOT / "llm" / "pretrain.py", tmp_path, log)
+    rc, out, errors = failed_launch(ds_launch_4(ROOT / "llm" / "pretrain.py", tmp_path, log), log, 240)
+    assert rc == 2 and "Traceback" not in out, out[-4000:]
+    assert len(errors) == 1 and "data/pretrain/meta.json: not found" in errors[0], "\n".join(errors)
+
+
+def failed_launch(p: subprocess.Popen, log: Path, timeout: int) -> tuple[int, str, list[str]]:
+    """(exit code, output, its error lines) of a launch expected to stop with an error."""
     try:
-        rc = p.wait(timeout=240)
+        rc = p.wait(timeout=timeout)
     finally:
         kill_group(p)
     out = log.read_text(errors="replace")
-    errors = [x for x in out.splitlines() if x.startswith("error")]
-    assert rc == 2 and "Traceback" not in out, out[-4000:]
-    assert len(errors) == 1 and "data/demo/meta.json: not found" in errors[0], "\n".join(errors)
+    return rc, out, [x for x in out.splitlines() if x.startswith("error")]
 
 
 def ds_launch_4(script, cwd: Path, log: Path) -> subprocess.Popen:
@@ -600,3 +604,14 @@ def ds_launch_4(script, cwd: Path, log: Path) -> subprocess.Popen:
     cmd = [str(Path(PY).with_name("deepspeed")), "--num_gpus", "4", "--master_port", str(port), str(script)]
     return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
+
+
+def test_bad_resume_path_stops_every_rank(data_dir, tmp_path):
+    """--train.resume naming no checkpoint, on 2 ranks: rank 0's one error line and exit 2, quickly — rank 1 is
+    not left waiting for a broadcast rank 0 never reaches."""
+    log = tmp_path / "log.txt"
+    p = ds_launch(ROOT / "llm" / "pretrain.py", ds_pretrain_args(data_dir, tmp_path / "run", 2, "--train.resume",
+                                                               tmp_path / "nowhere"), tmp_path, log)
+    rc, out, errors = failed_launch(p, log, 120)
+    assert rc != 0 and "Traceback" not in out, out[-4000:]
+    assert len(errors) == 1 and "no such checkpoint" in errors[0], "\n".join(errors)

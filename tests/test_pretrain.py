@@ -420,8 +420,8 @@ def test_bad_inputs_fail_in_one_line(capsys, data_dir, tmp_path, monkeypatch):
     for k in DIST_ENV:
         monkeypatch.delenv(k, raising=False)
     d = ["--config", DEBUG, "--data", data_dir, "--train.run_dir", tmp_path / "r"]
-    err = fails(capsys)  # no arguments at all, no data/demo here
-    assert "data/demo/meta.json: not found" in err
+    err = fails(capsys)  # no arguments at all, no data/pretrain here
+    assert "data/pretrain/meta.json: not found" in err
     assert "`python tools/train_tokenizer.py` then `python tools/prepare_data.py`" in err
     assert "tokenized with a 1500-token vocabulary but the model has vocab_size=1000" in fails(
         capsys, *d, "--model.vocab_size", 1000)

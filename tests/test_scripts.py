@@ -43,8 +43,8 @@ def test_pipeline_summary_smollm2_track(tmp_path, capsys, monkeypatch):
         "ppl": 20.0, "bpb": 1.2}, "quantized": {"ppl": 21.5, "bpb": 1.25}}))
     (sft / "mc.json").write_text(json.dumps({"acc": 0.25}))
     q = ["What grows from an acorn?", "what is a government"]
-    (base / "samples.json").write_text(json.dumps([{"prompt": q[0], "completion": "A tree,\n maybe."}]))
-    (sft / "samples.json").write_text(json.dumps([{"prompt": p, "completion": "An oak tree."} for p in q]))
+    (base / "samples.json").write_text(json.dumps({"samples": [{"prompt": q[0], "completion": "A tree,\n maybe."}]}))
+    (sft / "samples.json").write_text(json.dumps({"samples": [{"prompt": p, "completion": "An oak tree."} for p in q]}))
     (quant / "samples.json").write_text("[{")  # damaged: left out
     times = s / "pipeline-times.tsv"
     times.write_text("setup\t2\nconvert\t20\nsft\t600\nquantize\t300\nsamples\t30\n")
@@ -99,8 +99,8 @@ def test_run_sh_times_only_stages_that_did_work(tmp_path):
         assert r.returncode == 0, r.stderr
     lines = (tmp_path / "runs" / "smollm2" / "pipeline-times.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in lines] == ["setup", "data", "data"]
-    questions = (tmp_path / "data" / "smollm2-questions.txt").read_text().splitlines()
-    assert len(questions) == 3 and (tmp_path / "data" / "chatterbot-en.jsonl").stat().st_size > 100_000
+    questions = (tmp_path / "data" / "chatterbot-en" / "questions.txt").read_text().splitlines()
+    assert len(questions) == 3 and (tmp_path / "data" / "chatterbot-en" / "chats.jsonl").stat().st_size > 100_000
 
 
 def test_run_sh_redo_keeps_a_folder_it_did_not_make(tmp_path):

@@ -27,7 +27,8 @@ EDGE_CASES = [
 def tok_dir(tmp_path_factory) -> Path:
     """A 2,000-token sentencepiece BPE trained on builtin:demo (a sample of lines, a few seconds)."""
     d = tmp_path_factory.mktemp("tok")
-    TRAIN["train_tokenizer"](out=str(d / "tokenizer.model"), vocab_size=2000, max_sentences=20_000, preset="debug")
+    TRAIN["train_tokenizer"](inputs=["builtin:demo"], out=str(d / "tokenizer.model"), vocab_size=2000,
+                             max_sentences=20_000, char_share=0.5, preset="debug")
     return d
 
 

@@ -1,6 +1,6 @@
 """Evaluate any Hugging Face Llama directory: perplexity / bits per byte, multiple choice, passkey retrieval.
 
-    python tools/eval.py ppl --model DIR --source data/demo --split val --ctx_len 256 --stride 128
+    python tools/eval.py ppl --model DIR --source data/pretrain --split val --ctx_len 256 --stride 128
     python tools/eval.py ppl --model DIR --source builtin:shakespeare --max_tokens 20000
     python tools/eval.py mc --model DIR --task hellaswag --limit 500 --json results/hellaswag.json
     python tools/eval.py passkey --model DIR --lengths '[256, 512, 1024]' --trials 10
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json as jsonlib
 import time
-from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -33,11 +32,15 @@ def _load(model: str, dtype: str, device: str):
     return load_model(model, dtype=getattr(torch, dtype), device=device), tokenizer
 
 
+def _check_report(json: Optional[str]):
+    if json is not None:  # before the work: a --json path that would be refused at the end
+        writer.check_report(json)
+
+
 def _report(result: dict, json: Optional[str]):
     print(jsonlib.dumps(result, ensure_ascii=False))
     if json is not None:
-        Path(json).parent.mkdir(parents=True, exist_ok=True)
-        writer.replace_text(json, jsonlib.dumps(result, ensure_ascii=False, indent=2) + "\n")
+        writer.write_report(json, result, "tools/eval.py")
 
 
 def ppl(model: str, source: str, split: str = "val", ctx_len: Optional[int] = None, stride: Optional[int] = None,
@@ -56,8 +59,9 @@ def ppl(model: str, source: str, split: str = "val", ctx_len: Optional[int] = No
         batch_size: windows per forward pass.
         device: auto (the GPU when torch can use one, else the CPU), cpu, or cuda[:N].
         dtype: weight dtype.
-        json: also write the result to this JSON file.
+        json: also write the result to this JSON file (replacing only an earlier report of this toolkit).
     """
+    _check_report(json)
     _report(ev.corpus_perplexity(model, source, split, ctx_len, stride, max_tokens, batch_size, device,
                                  getattr(torch, dtype)), json)
 
@@ -74,8 +78,9 @@ def mc(model: str, task: str, limit: Optional[int] = None, batch_size: int = 16,
         batch_size: questions per forward pass.
         device: auto (the GPU when torch can use one, else the CPU), cpu, or cuda[:N].
         dtype: weight dtype.
-        json: also write the result to this JSON file.
+        json: also write the result to this JSON file (replacing only an earlier report of this toolkit).
     """
+    _check_report(json)
     examples = ev.load_task(task, limit)
     net, tokenizer = _load(model, dtype, device)
     t0 = time.time()
@@ -95,8 +100,9 @@ def passkey(model: str, lengths: list[int] = [256, 512, 1024], trials: int = 5, 
         batch_size: prompts decoded together.
         device: auto (the GPU when torch can use one, else the CPU), cpu, or cuda[:N].
         dtype: weight dtype.
-        json: also write the result to this JSON file.
+        json: also write the result to this JSON file (replacing only an earlier report of this toolkit).
     """
+    _check_report(json)
     if not lengths or min(lengths) < 64:
         raise UserError(f"--lengths {lengths}: give context lengths of at least 64 tokens")
     net, tokenizer = _load(model, dtype, device)
@@ -117,8 +123,9 @@ def classify(model: str, data: str = "builtin:sentiment", split: Optional[str] =
         val_fraction: the held-out share used in training.
         seq_len: texts are cut to this many tokens (as in training).
         batch_size: texts scored together.
-        json: also write the result to this JSON file.
+        json: also write the result to this JSON file (replacing only an earlier report of this toolkit).
     """
+    _check_report(json)
     from collections import Counter
 
     from llm.sft_data import ClassifyDataset

@@ -12,14 +12,13 @@ above the model's context) is one line on stderr and exit status 2; a prompt tha
 """
 from __future__ import annotations
 
-import json as jsonlib
-import os
 import sys
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import torch
 
+from llm import writer
 from llm.chat import tokenize_chat
 from llm.cli import run_cli
 from llm.errors import UserError
@@ -56,8 +55,11 @@ def main(model: str, prompt: Optional[str] = None, file: Optional[str] = None, m
             large enough to repay the compilation (~20-40 s on a 2-core CPU the first time, seconds once cached).
         device: auto (the GPU when torch can use one, else the CPU), cpu, or cuda[:N].
         dtype: weight dtype.
-        json: also write [{"prompt", "completion"}] to this file.
+        json: also write {"model", "samples": [{"prompt", "completion"}]} to this file (replacing only an earlier
+            report of this toolkit).
     """
+    if json is not None:
+        writer.check_report(json)  # before the work
     prompts = [prompt] if prompt is not None else []
     if file is not None:
         if not Path(file).is_file():
@@ -99,9 +101,7 @@ def main(model: str, prompt: Optional[str] = None, file: Optional[str] = None, m
         stream.finish()
         print()
     if json is not None:
-        tmp = f"{json}.tmp-{os.getpid()}"
-        Path(tmp).write_text(jsonlib.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, json)
+        writer.write_report(json, {"model": model, "samples": results}, "tools/generate.py")
     return None
 
 

@@ -1,7 +1,7 @@
 """The table `bash run.sh` ends with: per stage its time, and per model its size, perplexity and bits per byte.
 
 Optional files, shown when a stage wrote them: `<dir>/eval.json` ({"ppl", "bpb"}: tools/eval.py ppl --json),
-`<dir>/mc.json` ({"acc"}: tools/eval.py mc --json; adds a column), `<dir>/samples.json` ([{"prompt", "completion"}]:
+`<dir>/mc.json` ({"acc"}: tools/eval.py mc --json; adds a column), `<dir>/samples.json` ({"samples": [{"prompt", "completion"}]}:
 tools/generate.py --json; the answers are printed per question), for each of base, SFT run and 4-bit directory;
 `<quant>/report.json` (tools/quantize.py: fp32 vs 4-bit perplexity) and `<sft>/summary.json` (the trainer's
 `val_loss_at_start` / `val_loss`; else metrics.csv).

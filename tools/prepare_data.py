@@ -1,6 +1,6 @@
 """Tokenize text into memmapped shards for pretraining: data/<name>/{train,val}_NNN.bin + meta.json.
 
-    python tools/prepare_data.py                                   # builtin:demo -> data/demo
+    python tools/prepare_data.py                                   # builtin:demo + builtin:idioms-text -> data/pretrain
     python tools/prepare_data.py --inputs 'corpus/*.jsonl.gz' --out data/web --text_key content --dedupe true
     python tools/prepare_data.py --inputs '[zh/, en.parquet]' --out data/mix
 

@@ -118,7 +118,7 @@ def main(model: Optional[str] = None, out: Optional[str] = None, method: Literal
         report["original"] = quality(model_dir, eval_ids, eval_bytes, ctx, device)
     t0 = time.perf_counter()
     quantize(model_dir, out_dir, samples, method=method, bits=bits, group_size=group_size, desc_act=desc_act,
-             sym=sym, damp_percent=damp_percent, device=device)
+             sym=sym, damp_percent=damp_percent, device=device, overwrite=overwrite)
     report["quantize_seconds"] = round(time.perf_counter() - t0, 1)
     report["size_bytes"] = {"original": dir_size(model_dir), "quantized": dir_size(out_dir)}
     if eval_tokens > 0:

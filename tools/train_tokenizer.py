@@ -1,6 +1,6 @@
 """Train a sentencepiece BPE tokenizer for Chinese and English text: tokenizer.model + the Hugging Face files.
 
-    python tools/train_tokenizer.py                                  # builtin:demo -> data/tokenizer/tokenizer.model
+    python tools/train_tokenizer.py                                  # builtin:demo + builtin:idioms -> data/tokenizer/tokenizer.model
     python tools/train_tokenizer.py --inputs corpus/ --vocab_size 32000 --preset 125M
     python tools/train_tokenizer.py --inputs '[builtin:demo, builtin:idioms]' --char_share 0.85   # run.sh's: + SFT text
 

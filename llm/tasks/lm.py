@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from llm.errors import UserError
 from llm.model import Transformer
-from llm.hf_format import TRAINING_DATA_FILE
+from llm.hf_format import TRAINING_DATA_FILE, recorded_training_data
 from llm.train import Split, Task, TrainConfig, dist
 from llm.train.sampler import Replay
 
@@ -152,11 +152,8 @@ def chat_splits(data: str, val_data: Optional[str], tokenizer, seq_len: int, pac
 def recorded_data_dir(model_dir: str) -> Optional[str]:
     """The prepared data dir `model_dir` was trained on, as its final/training_data.json records it (None when it
     records none, or a built-in source, or a dir that is not here)."""
-    try:
-        spec = json.loads((Path(model_dir) / TRAINING_DATA_FILE).read_text())["data"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return spec if isinstance(spec, str) and (Path(spec) / "meta.json").is_file() else None
+    spec = recorded_training_data(model_dir)
+    return spec if spec is not None and (Path(spec) / "meta.json").is_file() else None
 
 
 def replay_splits(model_dir: str, share: float, data: Optional[str], seq_len: int, seed: int, vocab_size: int,

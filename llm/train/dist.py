@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from typing import Optional
 
 import torch
 
@@ -141,3 +142,15 @@ def broadcast(obj):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def raise_together(error: Optional[BaseException]):
+    """After rank 0 alone checked something (`error`: what it found wrong, else None), every rank stops when it
+    failed: rank 0 raises it (its one line), the others exit 2 silently — none is left waiting in a collective
+    rank 0 never joins. One process: `error` is raised as it is."""
+    if world_size() > 1 and broadcast(error is not None):
+        torch.distributed.destroy_process_group()  # a group left at exit aborts the process (gloo)
+        if error is None:
+            raise SystemExit(2)  # rank 0 says why
+    if error is not None:
+        raise error

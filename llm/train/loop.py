@@ -38,18 +38,22 @@ from llm.train.task import Task
 def _resume_point(cfg: TrainConfig, log) -> tuple[Optional[Path], Optional[dict]]:
     """(checkpoint dir, its trainer_state.json) to continue from, chosen by rank 0 (the others may not share its
     view of the file system) and broadcast."""
-    tag, meta = None, None
+    tag, meta, error = None, None, None
     if cfg.resume is not None and dist.is_main():
         run_dir = Path(cfg.run_dir)
         target = run_dir if cfg.resume == "auto" else Path(cfg.resume)
-        if cfg.resume != "auto" and not target.exists():
-            raise UserError(f"train.resume={cfg.resume}: no such checkpoint — pass \"auto\" or a "
-                            f"{run_dir / 'checkpoints'}/step_N directory")
-        tag = find_checkpoint(target, warn=log)
-        if tag is None:
+        try:
+            if cfg.resume != "auto" and not target.exists():
+                raise UserError(f"train.resume={cfg.resume}: no such checkpoint — pass \"auto\" or a "
+                                f"{run_dir / 'checkpoints'}/step_N directory")
+            tag = find_checkpoint(target, warn=log)
+        except UserError as e:
+            error = e
+        if tag is None and error is None:
             log(f"train.resume=auto: no checkpoint in {run_dir} yet — starting a new run")
-        else:
+        elif tag is not None:
             meta = json.loads((tag / STATE_FILE).read_text())
+    dist.raise_together(error)  # a bad resume stops every rank, not rank 0 alone
     return dist.broadcast((tag, meta))
 
 
