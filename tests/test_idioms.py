@@ -77,9 +77,24 @@ def test_idioms_mc_asks_only_held_out_idioms(sft_keys, text_splits):
 
 
 def test_idioms_mc_scores_a_model(chat_tokenizer):
-    """All 200 questions by likelihood (seconds for the debug model on 2 idle cores)."""
-    r = multiple_choice(tiny_model(chat_tokenizer).eval(), chat_tokenizer, load_task("idioms"))
-    assert r["n"] == 200 and 0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1
+    """All 200 questions by likelihood (seconds for the debug model on 2 idle cores); on the first 20, the packed
+    log-likelihoods are those of each ChatML context + meaning scored alone in one plain forward pass."""
+    import torch
+
+    from llm.evaluate import choice_logliks
+
+    model, examples = tiny_model(chat_tokenizer).eval(), load_task("idioms")
+    r = multiple_choice(model, chat_tokenizer, examples)
+    assert r["n"] == 200 and 0 <= r["acc"] <= 1
+    packed = choice_logliks(model, chat_tokenizer, examples[:20])
+    with torch.no_grad():
+        for ex, got in zip(examples[:20], packed):
+            n_ctx = len(chat_tokenizer.encode(ex.contexts[0]))
+            for ending, value in zip(ex.endings, got):
+                ids = torch.tensor([chat_tokenizer.encode(ex.contexts[0] + ending)])
+                logp = torch.log_softmax(model(ids)[0].float(), -1)
+                alone = sum(logp[i - 1, ids[0, i]].item() for i in range(n_ctx, ids.shape[1]))
+                assert abs(value - alone) < 1e-3 * max(1.0, abs(alone)), (ending, value, alone)
 
 
 def test_tokenizer_trained_as_run_sh_covers_the_sft_chats(tmp_path):

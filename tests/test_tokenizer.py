@@ -94,14 +94,11 @@ def test_transformers_autotokenizer_same_ids(tok_dir, texts, tmp_path):
         assert back.encode(text) == ours.encode(text)
 
 
-def test_smollm2_tokenizer_json(request, tmp_path):
-    """A byte-level BPE tokenizer.json (SmolLM2, converted from GGUF by helper A's fixture) through our Tokenizer."""
+def test_smollm2_tokenizer_json(smollm2_dir, tmp_path):
+    """A byte-level BPE tokenizer.json (SmolLM2, converted from its GGUF by conftest's fixture) through our Tokenizer."""
     from transformers import AutoTokenizer
 
-    try:
-        model_dir = request.getfixturevalue("smollm2_dir")
-    except pytest.FixtureLookupError:
-        pytest.skip("no smollm2_dir fixture")
+    model_dir = smollm2_dir
     tok = Tokenizer.from_dir(model_dir)
     hf = AutoTokenizer.from_pretrained(model_dir)
     assert tok.vocab_size == 49152 and tok.path.endswith("tokenizer.json")
