@@ -49,7 +49,7 @@ def split_for(rank, world, share, n_chats=203, n_windows=400, lengths=False):
 @pytest.mark.parametrize("share,world,mb,lengths", [(0.25, 2, 8, False), (0.25, 3, 4, True), (0.1, 1, 8, False),
                                                     (0.5, 2, 2, True)])
 def test_replay_share_is_exact_on_every_rank(share, world, mb, lengths):
-    seen_chats, seen_windows = [], set()
+    seen_chats = []
     for rank in range(world):
         split = split_for(rank, world, share, lengths=lengths)
         n = split.local_len(world) // mb * mb
@@ -63,14 +63,11 @@ def test_replay_share_is_exact_on_every_rank(share, world, mb, lengths):
             k = sum(kind == "window" for kind, _ in items[b:b + mb])
             assert math.floor(mb * share) <= k <= math.ceil(mb * share)
         seen_chats += [c for kind, c in items if kind == "chat"]
-        seen_windows |= set(windows)
         assert len(set(windows)) == len(windows)
         # a pure function of (seed, epoch, rank, world): asked again, the same; another epoch, another order
         assert split_for(rank, world, share, lengths=lengths).epoch_indices(0, n, 3, rank, world, mb) == order
         assert split.epoch_indices(1, n, 3, rank, world, mb) != order
-    assert len(seen_chats) == len(set(seen_chats))  # ranks never share a chat
-    assert len(seen_windows) == sum(math.floor(len(split_for(r, world, share, lengths=lengths).epoch_indices(
-        0, n, 3, r, world, mb)) * share) for r in range(world))  # nor a window
+    assert len(seen_chats) == len(set(seen_chats))  # ranks never share a chat (windows: sharded by their dataset)
 
 
 def test_replay_resumes_at_any_index():
