@@ -249,8 +249,11 @@ def replace_text(path: str | os.PathLike, text: str):
         tmp.unlink(missing_ok=True)
 
 
-def check_report(path: str | os.PathLike, flag: str = "--json"):
-    """Raise a one-line UserError unless a JSON report may be written at `path`: a new path or a report of ours."""
+def check_report(path: Optional[str | os.PathLike], flag: str = "--json"):
+    """Raise a one-line UserError unless a JSON report may be written at `path`: a new path or a report of ours
+    (None: no report asked for, nothing to check). Called before the work, so a refusal costs nothing."""
+    if path is None:
+        return
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a directory — pass a file path, e.g. {path / 'report.json'}")

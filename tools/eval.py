@@ -32,11 +32,6 @@ def _load(model: str, dtype: str, device: str):
     return load_model(model, dtype=getattr(torch, dtype), device=device), tokenizer
 
 
-def _check_report(json: Optional[str]):
-    if json is not None:  # before the work: a --json path that would be refused at the end
-        writer.check_report(json)
-
-
 def _report(result: dict, json: Optional[str]):
     print(jsonlib.dumps(result, ensure_ascii=False))
     if json is not None:
@@ -61,7 +56,7 @@ def ppl(model: str, source: str, split: str = "val", ctx_len: Optional[int] = No
         dtype: weight dtype.
         json: also write the result to this JSON file (replacing only an earlier report of this toolkit).
     """
-    _check_report(json)
+    writer.check_report(json)
     _report(ev.corpus_perplexity(model, source, split, ctx_len, stride, max_tokens, batch_size, device,
                                  getattr(torch, dtype)), json)
 
@@ -80,7 +75,7 @@ def mc(model: str, task: str, limit: Optional[int] = None, batch_size: int = 16,
         dtype: weight dtype.
         json: also write the result to this JSON file (replacing only an earlier report of this toolkit).
     """
-    _check_report(json)
+    writer.check_report(json)
     examples = ev.load_task(task, limit)
     net, tokenizer = _load(model, dtype, device)
     t0 = time.time()
@@ -102,7 +97,7 @@ def passkey(model: str, lengths: list[int] = [256, 512, 1024], trials: int = 5, 
         dtype: weight dtype.
         json: also write the result to this JSON file (replacing only an earlier report of this toolkit).
     """
-    _check_report(json)
+    writer.check_report(json)
     if not lengths or min(lengths) < 64:
         raise UserError(f"--lengths {lengths}: give context lengths of at least 64 tokens")
     net, tokenizer = _load(model, dtype, device)
@@ -125,7 +120,7 @@ def classify(model: str, data: str = "builtin:sentiment", split: Optional[str] =
         batch_size: texts scored together.
         json: also write the result to this JSON file (replacing only an earlier report of this toolkit).
     """
-    _check_report(json)
+    writer.check_report(json)
     from collections import Counter
 
     from llm.sft_data import ClassifyDataset

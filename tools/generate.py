@@ -58,8 +58,7 @@ def main(model: str, prompt: Optional[str] = None, file: Optional[str] = None, m
         json: also write {"model", "samples": [{"prompt", "completion"}]} to this file (replacing only an earlier
             report of this toolkit).
     """
-    if json is not None:
-        writer.check_report(json)  # before the work
+    writer.check_report(json)
     prompts = [prompt] if prompt is not None else []
     if file is not None:
         if not Path(file).is_file():
